@@ -1,0 +1,146 @@
+"""Writing batches to files that readers only ever see whole.
+
+Each lane writes to a temporary file next to the final one (a hidden name that does
+not end in the format's extension); `flush` closes it and renames it to its final
+name, so a reader globbing `*.parquet` never sees a half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import posixpath
+import threading
+import uuid
+from typing import IO, Any, Callable
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from streamfn.batch import Batch
+from streamfn.contracts import Sink
+
+log = logging.getLogger("streamfn.files")
+
+
+class FormatWriter:
+    """Appends frames to one open file in one format."""
+
+    def __init__(self, fmt: str, stream: IO[bytes], options: dict[str, Any]) -> None:
+        self.fmt, self.stream, self.options = fmt, stream, options
+        self.rows = 0
+        self._arrow: Any = None  # pq.ParquetWriter or an IPC writer, opened with the first batch
+
+    def append(self, frame: pl.DataFrame) -> None:
+        if self.fmt in ("parquet", "arrow"):
+            table = frame.to_arrow()
+            if self._arrow is None:
+                self._arrow = (pq.ParquetWriter(self.stream, table.schema,
+                                                compression=self.options.get("compression", "zstd"))
+                               if self.fmt == "parquet" else ipc.new_file(self.stream, table.schema))
+            elif table.schema != self._arrow.schema:
+                table = table.cast(self._arrow.schema)  # same columns, other types: cast or fail
+            self._arrow.write_table(table) if self.fmt == "parquet" else self._arrow.write(table)
+        elif self.fmt == "ndjson":
+            frame.write_ndjson(self.stream)
+        else:
+            frame.write_csv(self.stream, include_header=self.rows == 0,
+                            separator=self.options.get("separator", ","))
+        self.rows += frame.height
+
+    def schema_differs(self, frame: pl.DataFrame) -> bool:
+        """True when the frame's columns differ from the open file's (it needs a new file)."""
+        if self._arrow is None:
+            return False
+        return [f.name for f in self._arrow.schema] != frame.columns
+
+    def close(self) -> None:
+        if self._arrow is not None:
+            self._arrow.close()
+        self.stream.close()
+
+
+class LaneFileWriter(Sink):
+    """One lane's files under the sink's directory; published at flush."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, directory: str, fmt: str, ext: str, lane: str,
+                 run_tag: str, options: dict[str, Any], max_rows_per_file: int) -> None:
+        self.fs, self.directory, self.fmt, self.ext = fs, directory, fmt, ext
+        self.options = options
+        self.max_rows_per_file = max_rows_per_file
+        self._prefix = f"part-{run_tag}-{hashlib.sha1(lane.encode()).hexdigest()[:8]}"
+        self._seq = itertools.count()
+        self._open: tuple[FormatWriter, str] | None = None
+        self._closed_files: list[str] = []  # temporary names waiting to be published
+
+    def _temp_name(self) -> str:
+        return posixpath.join(self.directory, f".{self._prefix}-{uuid.uuid4().hex[:12]}.{self.ext}.tmp")
+
+    def write(self, batch: Batch) -> None:
+        frame = batch.frame
+        if frame.height == 0:
+            return
+        if self._open is not None and self._open[0].schema_differs(frame):
+            self._roll()
+        if self._open is None:
+            temp = self._temp_name()
+            self._open = (FormatWriter(self.fmt, self.fs.open(temp, "wb"), self.options), temp)
+        self._open[0].append(frame)
+        if self._open[0].rows >= self.max_rows_per_file:
+            self._roll()
+
+    def _roll(self) -> None:
+        if self._open is not None:
+            writer, temp = self._open
+            self._open = None
+            writer.close()
+            self._closed_files.append(temp)
+
+    def flush(self, checkpoint_id: str) -> None:
+        self._roll()
+        for temp in self._closed_files:
+            final = posixpath.join(self.directory, f"{self._prefix}-{next(self._seq):06d}.{self.ext}")
+            self.fs.mv(temp, final)
+            log.debug("file published", extra={"file": final, "checkpoint": checkpoint_id})
+        self._closed_files.clear()
+
+    def close(self) -> None:
+        """Drop what was never flushed: its offsets were not committed either."""
+        if self._open is not None:
+            self._open[0].close()
+            self._closed_files.append(self._open[1])
+            self._open = None
+        for temp in self._closed_files:
+            self.fs.rm(temp)
+        self._closed_files.clear()
+
+
+class SharedWriters:
+    """Lane writers behind a lock, for a caller that writes to the sink itself."""
+
+    def __init__(self, make: Callable[[str], LaneFileWriter]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._writer: LaneFileWriter | None = None
+
+    def write(self, batch: Batch) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._writer = self._make("shared")
+            self._writer.write(batch)
+
+    def flush(self, checkpoint_id: str) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.flush(checkpoint_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+

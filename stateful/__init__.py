@@ -1,0 +1,1 @@
+"""Keyed state stores, windows and checkpoints, installed as streamfn.stateful."""

@@ -1,0 +1,387 @@
+"""The local runtime: lanes on a thread pool, commits, shutdown, and the run's summary."""
+from __future__ import annotations
+
+import heapq
+import importlib
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from types import FrameType
+from typing import Any
+
+from streamfn.batch import Batch, Position
+from streamfn.contracts import Sink, Source
+from streamfn.deadletter import DeadLetter, dead_letter_frame
+from streamfn.errors import ConfigError, DeadLetterLimit, StreamfnError
+from streamfn.lane import DONE, IDLE, Lane
+from streamfn.pipeline import Node, Pipeline
+from streamfn.summary import NodeStats, RunSummary
+
+log = logging.getLogger("streamfn.runtime")
+
+_MAX_IDLE_BACKOFF_S = 0.02
+
+
+class RunContext:
+    """What sources and sinks may know and ask of the run they take part in."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self._rt = runtime
+        self.pipeline = runtime.pipeline.name
+        self.until_idle = runtime.until_idle
+        self.settings: Mapping[str, str] = runtime.settings
+        self.run_dir = runtime.pipeline.run_dir
+
+    @property
+    def stopping(self) -> bool:
+        """True once the run is shutting down."""
+        return self._rt.stopping
+
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        """A `--set KEY=VALUE` setting, else the environment variable, else the default."""
+        return self.settings.get(key, os.environ.get(key, default))
+
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        """The `--set` settings under a prefix (e.g. 'kafka.'), with the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.settings.items() if k.startswith(prefix)}
+
+    def add_partitions(self, source: Source, partitions: Mapping[str, Position] | Iterable[str]) -> None:
+        """Open lanes for partitions assigned during the run (a mapping gives resume positions)."""
+        self._rt.add_partitions(source, partitions)
+
+    def remove_partitions(self, source: Source, partitions: Iterable[str],
+                          timeout_s: float = 60.0) -> dict[str, Position]:
+        """Finish, commit and close these partitions' lanes; return their positions.
+
+        Blocks until the lanes are closed: never call it from a lane's own thread.
+        """
+        return self._rt.remove_partitions(source, partitions, timeout_s)
+
+    def wake(self, source: Source, partition: str) -> None:
+        """Tell the runtime that a partition has rows ready (skips its idle back-off)."""
+        self._rt.wake(source, partition)
+
+    def dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Send records a sink or source could not deliver to the dead-letter sink."""
+        self._rt.count_dead_letters(len(letters))
+        self._rt.write_dead_letters(self._rt.shared_dlq_writer, letters, "runtime")
+
+
+class Runtime:
+    """Runs one pipeline in this process."""
+
+    def __init__(self, pipeline: Pipeline, *, until_idle: bool, settings: Mapping[str, str],
+                 handle_signals: bool = True) -> None:
+        self.pipeline = pipeline
+        self.until_idle = until_idle
+        self.settings = dict(settings)
+        self.handle_signals = handle_signals
+        self.order = pipeline.validate()
+        self.batch_rows = pipeline.batch_rows
+        self.sources: dict[str, Node] = {n.name: n for n in self.order if n.kind == "source"}
+        self.plans = {name: self._plan(node) for name, node in self.sources.items()}
+        self._check_connectors_used_once()
+        self.dead_letter_sink = pipeline.dead_letter_sink or _default_dead_letter_sink(pipeline)
+        self.shared_dlq_writer = self.dead_letter_sink.for_lane("runtime")
+        self.ctx = RunContext(self)
+        self.checkpointer: Any = None  # streamfn.stateful.checkpoint.Checkpointer when state is kept
+        self.stopping = False
+        self.stopped_by = "end of input"
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._lanes: dict[tuple[str, str], Lane] = {}
+        self._ready: deque[Lane] = deque()
+        self._sleeping: list[tuple[float, int, Lane]] = []
+        self._running: set[Lane] = set()
+        self._seq = itertools.count()
+        self._finished = threading.Event()
+        self._totals: dict[str, NodeStats] = {n.name: NodeStats(n.kind) for n in self.order}
+        self._dead_letters = 0
+        self._lanes_opened = 0
+        self._checkpoints = itertools.count(1)
+        self._run_started_ms = int(time.time() * 1000)
+
+    def _plan(self, source: Node) -> list[Node]:
+        reachable = {source.name}
+        plan = []
+        for node in self.order:
+            if node.kind != "source" and any(u.name in reachable for u in node.upstreams):
+                reachable.add(node.name)
+                plan.append(node)
+        if not plan:
+            log.warning("source feeds nothing", extra={"pipeline": self.pipeline.name, "source": source.name})
+        return plan
+
+    def _check_connectors_used_once(self) -> None:
+        seen: dict[int, str] = {}
+        for node in self.order:
+            if node.connector is not None:
+                other = seen.setdefault(id(node.connector), node.name)
+                if other != node.name:
+                    raise ConfigError(f"nodes {other!r} and {node.name!r} share one connector object; "
+                                      "create one connector per node")
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Start every source and sink, run the lanes to the end, and summarise."""
+        started = time.perf_counter()
+        log.info("run starting", extra={"pipeline": self.pipeline.name, "until_idle": self.until_idle})
+        restore = self._install_signal_handlers()
+        started_sinks: list[Sink] = []
+        started_sources: list[Source] = []
+        threads: list[threading.Thread] = []
+        try:
+            self.checkpointer = _load_checkpointer(self)
+            for node in self.order:
+                if node.kind == "sink":
+                    assert isinstance(node.connector, Sink)
+                    node.connector.start(self.ctx)
+                    started_sinks.append(node.connector)
+            self.dead_letter_sink.start(self.ctx)
+            started_sinks.append(self.dead_letter_sink)
+            for node in self.sources.values():
+                assert isinstance(node.connector, Source)
+                node.connector.start(self.ctx)
+                started_sources.append(node.connector)
+                self.add_partitions(node.connector, node.connector.partitions())
+            n_threads = self.pipeline.threads or max(2, os.cpu_count() or 2)
+            for i in range(n_threads):
+                thread = threading.Thread(target=self._worker, name=f"streamfn-lane-{i}", daemon=True)
+                thread.start()
+                threads.append(thread)
+            while not self._finished.wait(0.05):
+                self._check_finished()
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        finally:
+            self.stop("error" if self.error else self.stopped_by)
+            for thread in threads:
+                thread.join()
+            self._close_all(started_sources, started_sinks)
+            restore()
+        if self.error is not None:
+            raise self.error
+        summary = RunSummary(self.pipeline.name, self._totals, self._dead_letters,
+                             getattr(self.dead_letter_sink, "url", None), self._lanes_opened,
+                             time.perf_counter() - started, self.stopped_by)
+        log.info("run finished", extra={"pipeline": self.pipeline.name, "wall_s": round(summary.wall_s, 3),
+                                        "dead_letters": summary.dead_letters})
+        return summary
+
+    def _close_all(self, sources: list[Source], sinks: list[Sink]) -> None:
+        for lane in list(self._lanes.values()):  # lanes a failure left open
+            if not lane.closed.is_set():
+                try:
+                    lane.close(commit=False)
+                except Exception:
+                    log.exception("closing a lane failed", extra={"lane": lane.id})
+        for source in sources:
+            source.stop()
+        try:
+            self.shared_dlq_writer.flush(self.next_checkpoint_id())
+        except Exception as exc:
+            self.fail(exc)
+        for sink in sinks:
+            sink.close()
+
+    def stop(self, reason: str) -> None:
+        """Ask every lane to finish its batch, commit and close."""
+        with self._cond:
+            if not self.stopping:
+                self.stopping = True
+                self.stopped_by = reason
+                log.info("stopping", extra={"pipeline": self.pipeline.name, "reason": reason})
+            while self._sleeping:
+                self._ready.append(heapq.heappop(self._sleeping)[2])
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the first fatal error and stop the run."""
+        with self._cond:
+            if self.error is None:
+                self.error = exc
+        self.stop("error")
+
+    def _check_finished(self) -> None:
+        with self._cond:
+            if self._lanes or self._running:
+                return
+            exhausted = self.stopping or all(
+                n.connector.exhausted() for n in self.sources.values()  # type: ignore[union-attr]
+            )
+            if exhausted:
+                self._finished.set()
+                self._cond.notify_all()
+
+    def _install_signal_handlers(self) -> Any:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if self.stopping:
+                raise KeyboardInterrupt(f"second {name}")
+            log.info("signal received; finishing the batches in flight", extra={"signal": name})
+            self.stop(f"signal {name}")
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                lane = None
+                while lane is None:
+                    if self._finished.is_set():
+                        return
+                    now = time.monotonic()
+                    while self._sleeping and self._sleeping[0][0] <= now:
+                        self._ready.append(heapq.heappop(self._sleeping)[2])
+                    if self._ready:
+                        lane = self._ready.popleft()
+                        self._running.add(lane)
+                        break
+                    timeout = self._sleeping[0][0] - now if self._sleeping else 0.1
+                    self._cond.wait(timeout)
+            try:
+                result = lane.step()
+            except BaseException as exc:
+                log.error("lane failed", exc_info=True, extra={"lane": lane.id})
+                self.fail(exc)
+                result = DONE
+                try:
+                    lane.close(commit=False)
+                except Exception:
+                    log.exception("closing a failed lane failed", extra={"lane": lane.id})
+            self._after_step(lane, result)
+
+    def _after_step(self, lane: Lane, result: str) -> None:
+        with self._cond:
+            self._running.discard(lane)
+            if result == DONE:
+                self._lanes.pop((lane.source.name, lane.partition), None)
+                for name, stats in lane.stats.items():
+                    self._totals[name].add(stats)
+            elif result == IDLE and not (self.stopping or lane.revoke_requested):
+                lane.backoff_s = min(max(lane.backoff_s * 2, 0.001), _MAX_IDLE_BACKOFF_S)
+                heapq.heappush(self._sleeping, (time.monotonic() + lane.backoff_s, next(self._seq), lane))
+            else:
+                lane.backoff_s = 0.0
+                self._ready.append(lane)
+            self._cond.notify()
+        if result == DONE:
+            self._check_finished()
+
+    def _source_node(self, source: Source) -> Node:
+        for node in self.sources.values():
+            if node.connector is source:
+                return node
+        raise StreamfnError(f"{source.describe()} is not a source of pipeline {self.pipeline.name!r}")
+
+    def add_partitions(self, source: Source, partitions: Mapping[str, Position] | Iterable[str]) -> None:
+        node = self._source_node(source)
+        given = partitions if isinstance(partitions, Mapping) else dict.fromkeys(partitions)
+        for partition, resume in given.items():
+            if (node.name, partition) in self._lanes:
+                continue
+            if resume is None and self.checkpointer is not None:
+                resume = self.checkpointer.resume_position(node.name, partition)
+            lane = Lane(self, node, partition, source.open(partition, resume), self.plans[node.name])
+            if self.checkpointer is not None:
+                self.checkpointer.restore_lane(lane)
+            with self._cond:
+                self._lanes[(node.name, partition)] = lane
+                self._lanes_opened += 1
+                self._ready.append(lane)
+                self._cond.notify()
+            log.info("lane opened", extra={"lane": lane.id, "offset": lane.position})
+
+    def remove_partitions(self, source: Source, partitions: Iterable[str], timeout_s: float) -> dict[str, Position]:
+        node = self._source_node(source)
+        lanes = []
+        with self._cond:
+            for partition in partitions:
+                lane = self._lanes.get((node.name, partition))
+                if lane is not None:
+                    lane.revoke_requested = True
+                    lanes.append(lane)
+            self._sleeping = [entry for entry in self._sleeping if entry[2] not in lanes]
+            heapq.heapify(self._sleeping)
+            self._ready.extend(lane for lane in lanes if lane not in self._ready and lane not in self._running)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for lane in lanes:
+            if not lane.closed.wait(max(0.0, deadline - time.monotonic())):
+                raise StreamfnError(f"lane {lane.id} did not close within {timeout_s:g}s after its "
+                                    "partition was revoked")
+        return {lane.partition: lane.position for lane in lanes}
+
+    def wake(self, source: Source, partition: str) -> None:
+        node = self._source_node(source)
+        with self._cond:
+            lane = self._lanes.get((node.name, partition))
+            if lane is None or lane in self._ready or lane in self._running:
+                return
+            before = len(self._sleeping)
+            self._sleeping = [entry for entry in self._sleeping if entry[2] is not lane]
+            if len(self._sleeping) != before:
+                heapq.heapify(self._sleeping)
+                lane.backoff_s = 0.0
+                self._ready.append(lane)
+                self._cond.notify()
+
+    # -- shared services ----------------------------------------------------------------------
+    def next_checkpoint_id(self) -> str:
+        """A new checkpoint id, sortable within and across runs."""
+        return f"{self._run_started_ms:013d}-{next(self._checkpoints):08d}"
+
+    def save_checkpoint(self, lane: Lane, checkpoint_id: str) -> None:
+        """Save the lane's state and position, when the pipeline keeps checkpoints."""
+        if self.checkpointer is not None:
+            self.checkpointer.save_lane(lane, checkpoint_id)
+
+    def count_dead_letters(self, n: int) -> None:
+        """Count failed records; stop the run past the pipeline's limit."""
+        with self._lock:
+            self._dead_letters += n
+            total = self._dead_letters
+        limit = self.pipeline.max_dead_letters
+        if limit is not None and total > limit:
+            raise DeadLetterLimit(f"{total} records failed, more than max_dead_letters={limit}; "
+                                  f"stopping (see the dead letters for the reasons)")
+
+    def write_dead_letters(self, writer: Sink, letters: list[DeadLetter], lane: str) -> None:
+        """Write failed records to a dead-letter writer, as one batch."""
+        frame = dead_letter_frame(self.pipeline.name, letters)
+        batch = Batch(frame, "dead_letters", lane)
+        if writer is self.shared_dlq_writer:
+            with self._lock:
+                writer.write(batch)
+        else:
+            writer.write(batch)
+        first = letters[0]
+        log.warning("dead letters written", extra={
+            "count": len(letters), "stage": first.stage, "source": first.source,
+            "partition": first.partition, "offset": first.offset, "error": first.error})
+
+
+def _default_dead_letter_sink(pipeline: Pipeline) -> Sink:
+    files = importlib.import_module("streamfn.connectors.files")
+    return files.ndjson(os.path.join(pipeline.run_dir, "dead_letters"))  # type: ignore[no-any-return]
+
+
+def _load_checkpointer(runtime: Runtime) -> Any:
+    """The checkpoint store of streamfn.stateful, when the pipeline keeps state or asks for one."""
+    stateful = any(n.operator is not None or n.options.get("state") is not None for n in runtime.order)
+    if runtime.pipeline.checkpoint is None and not stateful:
+        return None
+    checkpoint = importlib.import_module("streamfn.stateful.checkpoint")
+    return checkpoint.Checkpointer.for_runtime(runtime)
