@@ -20,6 +20,7 @@ from streamfn.errors import (Backpressure, ConfigError, DeadLetterLimit, EndOfIn
                              MissingDependency, StageError, StreamfnError)
 from streamfn.pipeline import Node, Pipeline
 from streamfn.summary import RunSummary
+from streamfn.windows import hopping, session, sliding, table, tumbling
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,5 @@ __all__ = [
     "Backpressure", "Batch", "ConfigError", "DeadLetterLimit", "EndOfInput", "GraphError", "LoadError",
     "MissingDependency", "Node", "Pipeline", "Position", "Reject", "RunSummary", "Sink", "Source",
     "SourcePartition", "StageError", "StageRunner", "StateStore", "StreamfnError", "__version__",
+    "hopping", "session", "sliding", "table", "tumbling",
 ]

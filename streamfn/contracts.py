@@ -45,6 +45,9 @@ class SourcePartition(ABC):
     def commit(self, position: Position) -> None:
         """Called once every row before `position` is durable downstream."""
 
+    def dead_lettered(self, letters: list[Any]) -> None:
+        """Told which rows of its last batch made a stage raise (DeadLetters); e.g. to answer a request."""
+
     def close(self) -> None:
         """Release clients; safe to call twice."""
 

@@ -14,6 +14,7 @@ from streamfn.batch import Batch, Position, as_frame
 from streamfn.contracts import Sink, SourcePartition, StageRunner
 from streamfn.deadletter import DeadLetter, row_payload
 from streamfn.errors import Backpressure, EndOfInput, StageError
+from streamfn.gpu import bind_stage
 from streamfn.pipeline import Node
 from streamfn.summary import NodeStats
 
@@ -34,7 +35,8 @@ class FunctionStage(StageRunner):
 
     def __init__(self, node: Node, lane: "Lane") -> None:
         assert node.fn is not None
-        self.node, self.fn, self.lane = node, node.fn, lane
+        self.node, self.lane = node, lane
+        self.engine, self.fn = bind_stage(node)  # cpu, or cudf / polars' GPU engine (streamfn.gpu)
 
     def process(self, frame: pl.DataFrame, batch: Batch) -> pl.DataFrame | None:
         try:
@@ -106,6 +108,8 @@ class Lane:
         self.backoff_s = 0.0
         self.revoke_requested = False
         self.closed = threading.Event()
+        self.obs = runtime.observer
+        self.obs.lane_opened(self)
 
     def _make_runner(self, node: Node) -> StageRunner:
         if node.operator is not None:  # a built-in stateful stage lives in streamfn.stateful
@@ -115,6 +119,9 @@ class Lane:
         if node.options.get("state") is not None:
             make = importlib.import_module("streamfn.stateful.tables").keyed_function_stage
             return make(node, node.options["state"], self)
+        make_runner = getattr(node.fn, "make_runner", None)  # a function that brings its own runner
+        if callable(make_runner):
+            return make_runner(node, self)  # type: ignore[no-any-return]
         return FunctionStage(node, self)
 
     # -- one step -----------------------------------------------------------------------------
@@ -146,7 +153,11 @@ class Lane:
         stats.rows_in += frame.height + rejects
         stats.rows_out += frame.height
         stats.batches += 1
-        self.run_plan({self.source.name: [frame]}, batch)
+        scope = self.obs.batch_begin(self, batch, rejects)
+        try:
+            self.run_plan({self.source.name: [frame]}, batch)
+        finally:
+            self.obs.batch_end(scope)
         self.position = after
         self._flush_letters()
         self._commit_if_due()
@@ -158,14 +169,19 @@ class Lane:
             frames = [f for up in node.upstreams for f in outputs.get(up.name, ())]
             stats = self.stats[node.name]
             if node.kind == "sink":
-                for frame in frames:
-                    self._write(node.name, batch.with_frame(frame))
-                    stats.rows_in += frame.height
-                    stats.rows_out += frame.height
-                    stats.batches += 1
+                if frames:
+                    scope, started = self.obs.stage_begin(self, node, batch), time.perf_counter()
+                    for frame in frames:
+                        self._write(node.name, batch.with_frame(frame))
+                        stats.rows_in += frame.height
+                        stats.rows_out += frame.height
+                        stats.batches += 1
+                    rows = sum(f.height for f in frames)
+                    self.obs.stage_end(scope, self, node, rows, rows, time.perf_counter() - started)
                 continue
             runner = self.runners[node.name]
             results: list[pl.DataFrame] = []
+            scope = self.obs.stage_begin(self, node, batch)
             started = time.perf_counter()
             for frame in frames:
                 stats.rows_in += frame.height
@@ -177,8 +193,11 @@ class Lane:
                 out = runner.finish()
                 if out is not None and out.height:
                     results.append(out)
-            stats.seconds += time.perf_counter() - started
-            stats.rows_out += sum(f.height for f in results)
+            elapsed = time.perf_counter() - started
+            stats.seconds += elapsed
+            rows_out = sum(f.height for f in results)
+            stats.rows_out += rows_out
+            self.obs.stage_end(scope, self, node, sum(f.height for f in frames), rows_out, elapsed)
             if results:
                 outputs[node.name] = results
 
@@ -202,6 +221,7 @@ class Lane:
         if letters:
             self.stats[stage].errors += len(letters)
             self._letters.extend(letters)
+            self.reader.dead_lettered(letters)
             self.rt.count_dead_letters(len(letters))
 
     def _take_rejects(self) -> int:
@@ -223,13 +243,16 @@ class Lane:
     def commit(self) -> None:
         """Flush every sink of this lane, save state, then tell the source what is durable."""
         checkpoint_id = self.rt.next_checkpoint_id()
+        started = time.perf_counter()
         self._flush_letters()
         for writer in self.writers.values():
             writer.flush(checkpoint_id)
         self.dlq_writer.flush(checkpoint_id)
-        self.rt.save_checkpoint(self, checkpoint_id)
+        saved = self.rt.save_checkpoint(self, checkpoint_id)
         self.reader.commit(self.position)
         self.last_commit = time.monotonic()
+        self.obs.checkpoint(self, checkpoint_id, time.perf_counter() - started,
+                            saved if isinstance(saved, int) and not isinstance(saved, bool) else None)
         log.debug("committed", extra={"lane": self.id, "offset": self.position, "checkpoint": checkpoint_id})
 
     def close(self, *, commit: bool) -> None:
@@ -244,4 +267,5 @@ class Lane:
             if self.dlq_writer is not self.rt.dead_letter_sink:
                 self.dlq_writer.close()
             self.reader.close()
+            self.obs.lane_closed(self)
             self.closed.set()

@@ -57,6 +57,31 @@ class Node:
         """Send this node's output to a sink."""
         return self.pipeline.sink(connector, self, name=name)
 
+    def window(self, spec: Any, *, by: str | Iterable[str], aggs: Iterable[Any], on: str = "ts",
+               allowed_lateness: str | float = 0, early: bool = False, name: str | None = None) -> "Node":
+        """Aggregate `aggs` (polars expressions) per key `by` over event-time windows of column `on`."""
+        from streamfn.windows import Hopping, Session, Sliding, Tumbling
+
+        if not isinstance(spec, (Tumbling, Hopping, Sliding, Session)):
+            raise GraphError(f"window() takes sf.tumbling/hopping/sliding/session(...), got {spec!r}")
+        options = {"window": spec, "by": _names(by, "by"), "on": on, "aggs": _exprs(aggs),
+                   "allowed_lateness_ms": round(parse_duration_s(allowed_lateness) * 1000), "early": early}
+        stage_name = name or self.pipeline._unique(f"{self.name}_{spec.kind}")
+        return self.operator_stage("windows", "window_stage", options, name=stage_name)
+
+    def aggregate(self, *, by: str | Iterable[str], aggs: Iterable[Any], name: str | None = None) -> "Node":
+        """Running (unwindowed) aggregates per key; emits the updated rows of the keys in each batch."""
+        options = {"by": _names(by, "by"), "aggs": _exprs(aggs)}
+        stage_name = name or self.pipeline._unique(f"{self.name}_aggregate")
+        return self.operator_stage("aggregate", "aggregate_stage", options, name=stage_name)
+
+    def join(self, table_node: "Node | str", *, on: str | Iterable[str], name: str | None = None) -> "Node":
+        """Enrich this stream with the latest row per key of `table_node` (a left join)."""
+        table = self.pipeline.node(table_node) if isinstance(table_node, str) else table_node
+        options = {"on": _names(on, "on"), "table": table.name, "stream": self.name}
+        stage_name = name or self.pipeline._unique(f"{self.name}_join_{table.name}")
+        return self.operator_stage("join", "join_stage", options, name=stage_name, extra_upstreams=(table,))
+
     def operator_stage(self, module: str, factory: str, spec: dict[str, Any], *, name: str,
                        extra_upstreams: Iterable["Node | str"] = ()) -> "Node":
         """Add a built-in stage that `streamfn.stateful.<module>.<factory>` implements."""
@@ -220,12 +245,36 @@ class Pipeline:
 
     # -- running ----------------------------------------------------------------------------
     def run(self, *, until_idle: bool = False, settings: dict[str, str] | None = None,
-            handle_signals: bool = True) -> "RunSummary":
-        """Run the pipeline here; with until_idle, stop once every source is drained."""
+            handle_signals: bool = True, observe: dict[str, Any] | None = None) -> "RunSummary":
+        """Run the pipeline here; with until_idle, stop once every source is drained.
+
+        Args:
+            until_idle: end once every source is drained (a Kafka topic: read to where it
+                ended when the run started) and everything is flushed.
+            settings: `--set KEY=VALUE` settings for connectors (e.g. "kafka.brokers").
+            handle_signals: finish gracefully on SIGINT/SIGTERM (main thread only).
+            observe: observability options (metrics port, progress view), see docs/observability.md.
+        """
         from streamfn.runtime import Runtime  # the runtime imports this module
 
         return Runtime(self, until_idle=until_idle, settings=settings or {},
-                       handle_signals=handle_signals).run()
+                       handle_signals=handle_signals, observe=observe or {}).run()
+
+
+def _names(value: str | Iterable[str], what: str) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise GraphError(f"{what}= takes a column name or a list of them, got {value!r}")
+    return names
+
+
+def _exprs(aggs: Iterable[Any]) -> tuple[Any, ...]:
+    import polars as pl
+
+    exprs = tuple(aggs)
+    if not exprs or not all(isinstance(e, pl.Expr) for e in exprs):
+        raise GraphError("aggs= takes a list of polars expressions, e.g. [pl.len(), pl.col('v').sum()]")
+    return exprs
 
 
 def _default_name(connector: Source | Sink, fallback: str) -> str:

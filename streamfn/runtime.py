@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -18,7 +19,9 @@ from streamfn.batch import Batch, Position
 from streamfn.contracts import Sink, Source
 from streamfn.deadletter import DeadLetter, dead_letter_frame
 from streamfn.errors import ConfigError, DeadLetterLimit, StreamfnError
+from streamfn.gpu import check_pipeline as check_gpu_stages
 from streamfn.lane import DONE, IDLE, Lane
+from streamfn.observe import observer_for
 from streamfn.pipeline import Node, Pipeline
 from streamfn.summary import NodeStats, RunSummary
 
@@ -66,6 +69,10 @@ class RunContext:
         """Tell the runtime that a partition has rows ready (skips its idle back-off)."""
         self._rt.wake(source, partition)
 
+    def report_lag(self, source: Source, partition: str, lag: int | None) -> None:
+        """Say how many records a partition is behind its source's end (metrics, /status)."""
+        self._rt.observer.lag(self._rt._source_node(source).name, partition, lag)
+
     def dead_letters(self, letters: list[DeadLetter]) -> None:
         """Send records a sink or source could not deliver to the dead-letter sink."""
         self._rt.count_dead_letters(len(letters))
@@ -76,8 +83,9 @@ class Runtime:
     """Runs one pipeline in this process."""
 
     def __init__(self, pipeline: Pipeline, *, until_idle: bool, settings: Mapping[str, str],
-                 handle_signals: bool = True) -> None:
+                 handle_signals: bool = True, observe: Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline
+        self.observe_options = dict(observe or {})
         self.until_idle = until_idle
         self.settings = dict(settings)
         self.handle_signals = handle_signals
@@ -106,6 +114,7 @@ class Runtime:
         self._lanes_opened = 0
         self._checkpoints = itertools.count(1)
         self._run_started_ms = int(time.time() * 1000)
+        self.observer = observer_for(self)  # streamfn.observe: no-op per batch unless telemetry is on
 
     def _plan(self, source: Node) -> list[Node]:
         reachable = {source.name}
@@ -132,11 +141,13 @@ class Runtime:
         """Start every source and sink, run the lanes to the end, and summarise."""
         started = time.perf_counter()
         log.info("run starting", extra={"pipeline": self.pipeline.name, "until_idle": self.until_idle})
+        check_gpu_stages(self.order, self.pipeline.name)  # engine="gpu" without a GPU fails before anything starts
         restore = self._install_signal_handlers()
         started_sinks: list[Sink] = []
         started_sources: list[Source] = []
         threads: list[threading.Thread] = []
         try:
+            self.observer.run_started()
             self.checkpointer = _load_checkpointer(self)
             for node in self.order:
                 if node.kind == "sink":
@@ -164,8 +175,11 @@ class Runtime:
             self.stop("error" if self.error else self.stopped_by)
             for thread in threads:
                 thread.join()
-            self._close_all(started_sources, started_sinks)
-            restore()
+            try:
+                self._close_all(started_sources, started_sinks)
+                restore()
+            finally:  # even when closing failed: /status must not say "stopping" forever
+                self.observer.run_finished(self.error or sys.exc_info()[1])
         if self.error is not None:
             raise self.error
         summary = RunSummary(self.pipeline.name, self._totals, self._dead_letters,
@@ -213,12 +227,12 @@ class Runtime:
         with self._cond:
             if self._lanes or self._running:
                 return
-            exhausted = self.stopping or all(
-                n.connector.exhausted() for n in self.sources.values()  # type: ignore[union-attr]
-            )
-            if exhausted:
-                self._finished.set()
-                self._cond.notify_all()
+        # Asked without the lock: a source may open new lanes while answering.
+        if self.stopping or all(n.connector.exhausted() for n in self.sources.values()):  # type: ignore[union-attr]
+            with self._cond:
+                if not self._lanes and not self._running:
+                    self._finished.set()
+                    self._cond.notify_all()
 
     def _install_signal_handlers(self) -> Any:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
@@ -254,7 +268,9 @@ class Runtime:
             try:
                 result = lane.step()
             except BaseException as exc:
-                log.error("lane failed", exc_info=True, extra={"lane": lane.id})
+                # streamfn's own errors are one clear line; anything else is a bug worth a traceback
+                log.error("lane failed", exc_info=not isinstance(exc, StreamfnError),
+                          extra={"lane": lane.id, "error": f"{type(exc).__name__}: {exc}"})
                 self.fail(exc)
                 result = DONE
                 try:
@@ -343,10 +359,11 @@ class Runtime:
         """A new checkpoint id, sortable within and across runs."""
         return f"{self._run_started_ms:013d}-{next(self._checkpoints):08d}"
 
-    def save_checkpoint(self, lane: Lane, checkpoint_id: str) -> None:
+    def save_checkpoint(self, lane: Lane, checkpoint_id: str) -> Any:
         """Save the lane's state and position, when the pipeline keeps checkpoints."""
         if self.checkpointer is not None:
-            self.checkpointer.save_lane(lane, checkpoint_id)
+            return self.checkpointer.save_lane(lane, checkpoint_id)  # bytes written, if it says
+        return None
 
     def count_dead_letters(self, n: int) -> None:
         """Count failed records; stop the run past the pipeline's limit."""
@@ -360,6 +377,7 @@ class Runtime:
 
     def write_dead_letters(self, writer: Sink, letters: list[DeadLetter], lane: str) -> None:
         """Write failed records to a dead-letter writer, as one batch."""
+        self.observer.dead_letters(letters)
         frame = dead_letter_frame(self.pipeline.name, letters)
         batch = Batch(frame, "dead_letters", lane)
         if writer is self.shared_dlq_writer:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.servers.postgres", "tests.servers.s3_tables", "tests.servers.kafka", "tests.servers.s3", "tests.servers.v3io"]
 
 
 @pytest.fixture

@@ -48,8 +48,8 @@ def infer_text_schema(frame: pl.DataFrame) -> pl.Schema:
         present = column.drop_nulls()
         inferred[name] = pl.String()
         for dtype in (pl.Int64(), pl.Float64(), pl.Boolean()):
-            if present.len() and frame.select(parse_text(pl.col(name), dtype)).get_column(name) \
-                    .drop_nulls().len() == present.len():
+            parsed = frame.select(parse_text(pl.col(name), dtype).alias(name)).get_column(name)
+            if present.len() and parsed.drop_nulls().len() == present.len():
                 inferred[name] = dtype
                 break
     return pl.Schema(inferred)

@@ -32,17 +32,20 @@ class FormatWriter:
     def __init__(self, fmt: str, stream: IO[bytes], options: dict[str, Any]) -> None:
         self.fmt, self.stream, self.options = fmt, stream, options
         self.rows = 0
+        self.columns: list[str] | None = None  # fixed by the first frame
         self._arrow: Any = None  # pq.ParquetWriter or an IPC writer, opened with the first batch
+        self._schema: pa.Schema | None = None
 
     def append(self, frame: pl.DataFrame) -> None:
         if self.fmt in ("parquet", "arrow"):
             table = frame.to_arrow()
             if self._arrow is None:
+                self._schema = table.schema
                 self._arrow = (pq.ParquetWriter(self.stream, table.schema,
                                                 compression=self.options.get("compression", "zstd"))
                                if self.fmt == "parquet" else ipc.new_file(self.stream, table.schema))
-            elif table.schema != self._arrow.schema:
-                table = table.cast(self._arrow.schema)  # same columns, other types: cast or fail
+            elif table.schema != self._schema:
+                table = table.cast(self._schema)  # same columns, other types: cast or fail
             self._arrow.write_table(table) if self.fmt == "parquet" else self._arrow.write(table)
         elif self.fmt == "ndjson":
             frame.write_ndjson(self.stream)
@@ -50,12 +53,11 @@ class FormatWriter:
             frame.write_csv(self.stream, include_header=self.rows == 0,
                             separator=self.options.get("separator", ","))
         self.rows += frame.height
+        self.columns = self.columns or frame.columns
 
     def schema_differs(self, frame: pl.DataFrame) -> bool:
         """True when the frame's columns differ from the open file's (it needs a new file)."""
-        if self._arrow is None:
-            return False
-        return [f.name for f in self._arrow.schema] != frame.columns
+        return self.columns is not None and self.columns != frame.columns
 
     def close(self) -> None:
         if self._arrow is not None:

@@ -1,0 +1,187 @@
+"""The reference workload through streamfn's window stage, next to the peers, in one run.
+
+    .venv/bin/python bench/window_bench.py [--n 1000000] [--work DIR] [--peers-python PY]
+                                           [--skip-peers] [--state-keys 1000000]
+
+ticks (NDJSON) -> filter volume > 0 -> per-symbol tumbling 1 s window: count, sum(volume), VWAP,
+written as Parquet and checked with the shared bench's `workload.py compare`; then the peers
+(polars batched, python loop, bytewax) on the same file, each in its own process; then one
+table of records/s, peak RSS and ratios. Last, a checkpoint and a restore of a keyed table of
+`--state-keys` keys, full and incremental (1% of the keys changed).
+
+The bench folder of the shared reference workload is found at $BENCH_DIR (default
+/work/shared/bench). Bytewax is not a streamfn dependency: pass --peers-python, the python of
+an environment with the shared bench's requirements.txt (peers that fail to start are reported).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.environ.get("BENCH_DIR", "/work/shared/bench")
+PEERS = [("polars_batched.py", "polars batched"), ("python_loop.py", "python loop"),
+         ("bytewax_flow.py", "bytewax")]
+
+
+def run_streamfn(inp: str, out: str, batch_rows: int) -> None:
+    """Child process: run the pipeline and print the shared bench's result line."""
+    import polars as pl
+
+    import streamfn as sf
+    from streamfn.connectors import files
+
+    sys.path.insert(0, BENCH_DIR)
+    from common import count_lines, report, write_windows  # the shared bench's helpers
+
+    records = count_lines(inp)
+    parts = tempfile.mkdtemp(prefix="streamfn-bench-")
+    started = time.perf_counter()
+    p = sf.Pipeline("bench", run_dir=os.path.join(parts, "run"), batch_rows=batch_rows,
+                    checkpoint_interval="5s")
+    ticks = p.source(files.ndjson(inp, schema={"symbol": pl.String, "ts": pl.Int64, "price": pl.Float64,
+                                               "volume": pl.Int64}))
+
+    @p.stage(ticks)
+    def traded(df: pl.DataFrame) -> pl.DataFrame:
+        return df.filter(pl.col("volume") > 0)
+
+    traded.window(sf.tumbling("1s"), by="symbol", on="ts", aggs=[
+        pl.len().alias("count"), pl.col("volume").sum().alias("volume"),
+        ((pl.col("price") * pl.col("volume")).sum() / pl.col("volume").sum()).alias("vwap"),
+    ]).sink(files.parquet(os.path.join(parts, "out")))
+    p.run(until_idle=True, handle_signals=False)
+    write_windows(pl.read_parquet(os.path.join(parts, "out", "*.parquet")), out)
+    report("streamfn window", "file", records, time.perf_counter() - started)
+
+
+def _child(cmd: list[str]) -> dict | None:
+    """Run one system in its own process; its result line, or None when it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"FAILED ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def _correct(answer: str, out: str) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "workload.py"), "compare", answer, out],
+                          capture_output=True, text=True)
+    return "yes" if proc.returncode == 0 else "NO: " + proc.stdout.strip()[:300]
+
+
+def bench_windows(args: argparse.Namespace) -> list[dict]:
+    """Generate the input, run streamfn and the peers, check every output."""
+    work = args.work or tempfile.mkdtemp(prefix="window-bench-")
+    os.makedirs(work, exist_ok=True)
+    inp, answer = os.path.join(work, "ticks.jsonl"), os.path.join(work, "answer.parquet")
+    workload = os.path.join(BENCH_DIR, "workload.py")
+    if not os.path.exists(inp):
+        subprocess.run([sys.executable, workload, "gen", str(args.n), inp], check=True)
+    subprocess.run([sys.executable, workload, "answer", inp, answer], check=True)
+    results = []
+    out = os.path.join(work, "streamfn.parquet")
+    line = _child([sys.executable, __file__, "--child", inp, out, "--batch-rows", str(args.batch_rows)])
+    if line:
+        line["correct"] = _correct(answer, out)
+        results.append(line)
+    if not args.skip_peers:
+        for script, _ in PEERS:
+            peer_out = os.path.join(work, script.replace(".py", ".parquet"))
+            line = _child([args.peers_python, os.path.join(BENCH_DIR, "peers", script), inp, peer_out])
+            if line:
+                line["correct"] = _correct(answer, peer_out)
+                results.append(line)
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    """Markdown table with each system's rate relative to streamfn's."""
+    ours = next((r for r in results if r["system"].startswith("streamfn")), None)
+    print("| system | records | records/s | peak RSS MB | streamfn / system | correct |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for r in results:
+        ratio = f"{ours['rec_per_s'] / r['rec_per_s']:.2f}x" if ours and r.get("rec_per_s") else ""
+        print(f"| {r['system']} | {r['records']:,} | {r['rec_per_s']:,} | {r['peak_rss_mb']} | {ratio} "
+              f"| {r.get('correct', '')} |")
+
+
+def bench_state(keys: int) -> None:
+    """Time a checkpoint (full, then incremental with 1% changed) and a restore of a keyed table."""
+    import numpy as np
+    import polars as pl
+
+    from streamfn.stateful.checkpoint import Checkpointer
+    from streamfn.stateful.store import KeyedTable
+
+    class Runner:
+        def __init__(self, table: KeyedTable) -> None:
+            self.table = table
+
+        def snapshot(self, cid: str) -> dict:
+            return {"table": self.table.snapshot(cid)}
+
+        def restore(self, saved: dict) -> None:
+            self.table.restore(saved["table"])
+
+    class Lane:
+        def __init__(self, table: KeyedTable) -> None:
+            self.source = type("Src", (), {"name": "ticks"})()
+            self.partition, self.id, self.position = "0", "ticks[0]", 0
+            self.runners = {"state": Runner(table)}
+
+    rng = np.random.default_rng(1)
+    table = KeyedTable(["key"])
+    table.put(pl.DataFrame({"key": [f"user-{i:08d}" for i in range(keys)], "count": rng.integers(0, 1000, keys),
+                            "total": rng.uniform(0, 1e6, keys)}))
+    root = tempfile.mkdtemp(prefix="state-bench-")
+    ck = Checkpointer(root, pipeline="bench", code_hash="x")
+    lane = Lane(table)
+    t0 = time.perf_counter()
+    ck.save_lane(lane, "00000001")
+    full = time.perf_counter() - t0
+    changed = rng.choice(keys, keys // 100, replace=False)
+    table.put(pl.DataFrame({"key": [f"user-{i:08d}" for i in changed], "count": np.zeros(len(changed), int),
+                            "total": np.zeros(len(changed))}))
+    t0 = time.perf_counter()
+    ck.save_lane(lane, "00000002")
+    incremental = time.perf_counter() - t0
+    restored = KeyedTable(["key"])
+    t0 = time.perf_counter()
+    Checkpointer(root, pipeline="bench", code_hash="x").restore_lane(Lane(restored))
+    restore = time.perf_counter() - t0
+    assert restored.frame().sort("key").equals(table.frame().sort("key"))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    print(f"\nkeyed state, {keys:,} keys (local disk, Arrow IPC lz4, {size / 2**20:.1f} MiB on disk):")
+    print(f"  full checkpoint {full * 1000:.0f} ms; incremental checkpoint (1% changed) "
+          f"{incremental * 1000:.0f} ms; restore (base + 1 delta, checksums verified) {restore * 1000:.0f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--work")
+    ap.add_argument("--batch-rows", type=int, default=100_000)
+    ap.add_argument("--peers-python", default=os.environ.get("BENCH_PEERS_PYTHON", sys.executable))
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--state-keys", type=int, default=1_000_000)
+    ap.add_argument("--child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        run_streamfn(*args.child, batch_rows=args.batch_rows)
+        return
+    results = bench_windows(args)
+    print_table(results)
+    if args.state_keys:
+        bench_state(args.state_keys)
+    print(f"\n(bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

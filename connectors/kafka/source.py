@@ -1,0 +1,399 @@
+"""The Kafka source: one group consumer per source, a poller thread, one lane per partition.
+
+The poller thread owns the consumer: it calls `consume()`, hands each partition's messages
+to that partition's bounded queue (pausing the partition while its queue is full) and runs
+the group callbacks, which open lanes on assign and close them (flushed and committed) on
+revoke. The lanes parse whole blocks of values at once.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from streamfn.batch import Position
+from streamfn.connectors.kafka.codec import Decoder
+from streamfn.connectors.kafka.topics import kafka
+from streamfn.contracts import Reject, SourcePartition
+from streamfn.errors import ConfigError, EndOfInput, StreamfnError
+
+if TYPE_CHECKING:
+    from streamfn.connectors.kafka.topic import KafkaTopic
+    from streamfn.runtime import RunContext
+
+log = logging.getLogger("streamfn.kafka")
+
+INCLUDE = ("key", "partition", "offset", "timestamp", "headers")
+_COMMIT_LOST = {"REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "_STATE", "_NO_OFFSET",
+                "_ASSIGNMENT_LOST", "FENCED_INSTANCE_ID"}
+
+
+class PartitionQueue:
+    """Messages of one partition waiting for its lane: a bounded queue of consume() slices."""
+
+    def __init__(self, topic: str, partition: int, name: str) -> None:
+        self.topic, self.partition, self.name = topic, partition, name
+        self.lock = threading.Lock()
+        self.chunks: deque[list[Any]] = deque()
+        self.queued = 0
+        self.paused = False
+        self.ended = False  # the lane raised EndOfInput (until-idle)
+        self.lost = False  # the group gave it to another member without a revoke: do not commit
+        self.target: int | None = None  # the high watermark to read up to (until-idle)
+
+    def put(self, messages: list[Any]) -> None:
+        with self.lock:
+            self.chunks.append(messages)
+            self.queued += len(messages)
+
+    def take(self, max_rows: int) -> list[Any]:
+        """Up to max_rows messages, oldest first."""
+        out: list[Any] = []
+        with self.lock:
+            while self.chunks and len(out) < max_rows:
+                chunk = self.chunks.popleft()
+                room = max_rows - len(out)
+                if len(chunk) > room:
+                    self.chunks.appendleft(chunk[room:])
+                    chunk = chunk[:room]
+                if out:
+                    out.extend(chunk)
+                else:
+                    out = chunk
+            self.queued -= len(out)
+        return out
+
+
+class SourceSide:
+    """The source role of a kafka.topic(): consumer, poller thread and partition queues."""
+
+    def __init__(self, owner: "KafkaTopic") -> None:
+        self.owner = owner
+        self.decoder = Decoder(owner.format, owner.schema)
+        self.ctx: RunContext | None = None
+        self.consumer: Any = None
+        self.queues: dict[str, PartitionQueue] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._assigned_once = False
+        self._closing = False
+        self._started_at = 0.0
+        self.cooperative = "cooperative" in str(owner.consumer_conf.get("partition.assignment.strategy", ""))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, ctx: "RunContext") -> None:
+        """Create the consumer, subscribe and start the poller thread."""
+        self.ctx = ctx
+        conf = dict(self.owner.consumer_conf)
+        if ctx.until_idle:
+            conf["enable.partition.eof"] = True
+        conf["error_cb"] = self._on_client_error
+        try:
+            self.consumer = kafka().Consumer(conf)
+        except kafka().KafkaException as exc:
+            raise ConfigError(f"bad Kafka consumer setting for {self.owner.describe()}: {exc.args[0]}") from exc
+        self.consumer.subscribe(list(self.owner.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._poll_loop, name=f"kafka-poller-{self.owner.default_name()}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("kafka source subscribed", extra={"topics": ",".join(self.owner.topics),
+                                                   "group": self.owner.group, "brokers": self.owner.brokers})
+
+    def stop(self) -> None:
+        """Stop the poller and leave the group."""
+        self._closing = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except (RuntimeError, kafka().KafkaException) as exc:
+                log.warning("closing the Kafka consumer failed", extra={"error": str(exc)})
+            self.consumer = None
+
+    def _fail(self, exc: BaseException) -> None:
+        log.error("kafka source failed", exc_info=exc, extra={"source": self.owner.describe()})
+        if self._error is None:
+            self._error = exc
+
+    def check(self) -> None:
+        """Raise the poller thread's error in the caller (a lane, or the runtime)."""
+        if self._error is not None:
+            raise self._error
+
+    def _on_client_error(self, err: Any) -> None:
+        if err.fatal():
+            self._fail(StreamfnError(f"Kafka consumer error: {err.str()}"))
+        else:
+            log.warning("kafka client error", extra={"error": err.str(), "code": err.name()})
+
+    # -- the poller thread --------------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        consume = self.consumer.consume
+        batch = self.owner.consume_batch
+        partition_of = kafka().Message.partition
+        while not self._stop.is_set():
+            try:
+                paused = any(q.paused for q in self.queues.values())
+                messages = consume(num_messages=batch, timeout=0.02 if paused else 0.1)
+                if messages:
+                    for partition, run in itertools.groupby(messages, partition_of):
+                        self._route(partition, list(run))
+                self._pause_resume()
+            except BaseException as exc:  # the run must hear of it: lanes and exhausted() re-raise
+                self._fail(exc)
+                return
+
+    def _route(self, partition: int, messages: list[Any]) -> None:
+        topic = messages[0].topic()
+        queue = self.queues.get(self.owner.partition_name(topic, partition)) if topic else None
+        if queue is None:
+            for message in messages:
+                error = message.error()
+                if error is not None and error.code() != kafka().KafkaError._PARTITION_EOF:
+                    self._on_message_error(error)
+            return
+        queue.put(messages)
+        if self.ctx is not None:
+            self.ctx.wake(self.owner, queue.name)
+
+    def _on_message_error(self, error: Any) -> None:
+        if error.fatal() or error.code() in (kafka().KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                              kafka().KafkaError.TOPIC_AUTHORIZATION_FAILED):
+            raise StreamfnError(f"Kafka consumer of {self.owner.describe()}: {error.str()}")
+        log.warning("kafka consumer error", extra={"error": error.str(), "code": error.name()})
+
+    def _pause_resume(self) -> None:
+        limit = self.owner.queue_messages
+        pause, resume = [], []
+        for queue in list(self.queues.values()):
+            if not queue.paused and (queue.queued >= limit or queue.ended):
+                queue.paused = True
+                pause.append(kafka().TopicPartition(queue.topic, queue.partition))
+            elif queue.paused and queue.queued <= limit // 2 and not queue.ended:
+                queue.paused = False
+                resume.append(kafka().TopicPartition(queue.topic, queue.partition))
+        if pause:
+            self.consumer.pause(pause)
+        if resume:
+            self.consumer.resume(resume)
+
+    # -- group callbacks (run on the poller thread, inside consume()) -----------------------
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        try:
+            self._assign(consumer, partitions)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _assign(self, consumer: Any, partitions: list[Any]) -> None:
+        if self._closing or self.ctx is None or self.ctx.stopping:
+            return
+        committed: dict[str, int] = {}
+        if partitions and self.owner.start_at == "committed":
+            for tp in consumer.committed(partitions, timeout=self.owner.timeout_s):
+                if tp.error is None and tp.offset >= 0:
+                    committed[self.owner.partition_name(tp.topic, tp.partition)] = tp.offset
+        names = {}
+        for tp in partitions:
+            name = self.owner.partition_name(tp.topic, tp.partition)
+            names[name] = tp
+            self.queues[name] = PartitionQueue(tp.topic, tp.partition, name)
+        self._committed = committed
+        self._opened: dict[str, int | None] = {}
+        self.ctx.add_partitions(self.owner, dict.fromkeys(names))  # the runtime asks its checkpoint first
+        for name, tp in names.items():
+            start = self._opened.get(name)
+            tp.offset = start if start is not None else self._logical_start()
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        self._assigned_once = True
+        log.info("kafka partitions assigned", extra={"source": self.owner.describe(), "group": self.owner.group,
+                                                     "partitions": ",".join(names) or "none"})
+
+    def _logical_start(self) -> int:
+        k = kafka()
+        return k.OFFSET_END if self.owner.start_at == "latest" else (
+            k.OFFSET_BEGINNING if self.owner.start_at == "earliest" else k.OFFSET_STORED)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        try:
+            self._revoke(consumer, partitions, lost=False)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        try:
+            self._revoke(consumer, partitions, lost=True)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _revoke(self, consumer: Any, partitions: list[Any], *, lost: bool) -> None:
+        names = [self.owner.partition_name(tp.topic, tp.partition) for tp in partitions]
+        if not self._closing and self.ctx is not None and not self.ctx.stopping:
+            for name in names:
+                if lost and name in self.queues:
+                    self.queues[name].lost = True
+            self.ctx.remove_partitions(self.owner, names)  # blocks: lanes flush, commit and close
+        for name in names:
+            self.queues.pop(name, None)
+        if self.cooperative:
+            consumer.incremental_unassign(partitions)
+        log.info("kafka partitions revoked", extra={"source": self.owner.describe(), "lost": lost,
+                                                    "partitions": ",".join(names) or "none"})
+
+    # -- what the runtime asks -------------------------------------------------------------
+    def open(self, partition: str, resume: Position) -> SourcePartition:
+        """A lane's reader: its resume position is the checkpoint's, else the committed offset."""
+        queue = self.queues.get(partition)
+        if queue is None:
+            raise StreamfnError(f"partition {partition} of {self.owner.describe()} is not assigned to this worker")
+        start = int(resume) if resume is not None else self._committed.get(partition)
+        self._opened[partition] = start
+        return KafkaPartition(self, queue, start)
+
+    def exhausted(self) -> bool:
+        """Until-idle: True once every assigned partition was read to its end."""
+        self.check()
+        if self.ctx is None or not self.ctx.until_idle:
+            return False
+        if not self._assigned_once:
+            if time.monotonic() - self._started_at > self.owner.assign_timeout_s:
+                raise StreamfnError(f"no partitions of {self.owner.describe()} were assigned to group "
+                                    f"{self.owner.group!r} within {self.owner.assign_timeout_s:g}s")
+            return False
+        return all(q.ended for q in list(self.queues.values()))
+
+
+class KafkaPartition(SourcePartition):
+    """One assigned partition, read from its queue in blocks."""
+
+    def __init__(self, side: SourceSide, queue: PartitionQueue, start: int | None) -> None:
+        self.side = side
+        self.queue = queue
+        self._position = start
+        self._eof = False
+        self._rejects: list[Reject] = []
+        self._closed = False
+
+    def next_batch(self, max_rows: int) -> pl.DataFrame | None:
+        self.side.check()
+        messages = self.queue.take(max_rows)
+        if not messages:
+            if self.side.ctx is not None and self.side.ctx.until_idle and self._at_end():
+                self.queue.ended = True
+                raise EndOfInput()
+            return None
+        values = [m.value() for m in messages]
+        if None in values:  # partition EOF events, errors or tombstones: the slow path
+            messages, values = self._sort_out(messages, values)
+            if not messages:
+                return None
+        self._position = messages[-1].offset() + 1
+        if self.queue.target is None and self.side.ctx is not None and self.side.ctx.until_idle:
+            self._set_target()
+        self._eof = False
+        frame, rejected, rows = self.side.decoder.decode(values)
+        for index, reason in rejected:
+            message = messages[index]
+            self._rejects.append(Reject(message.offset(), values[index], reason))
+        if self.side.owner.include:
+            frame = self._with_metadata(frame, messages, {i for i, _ in rejected}, rows)
+        return frame
+
+    def _at_end(self) -> bool:
+        if self._eof:
+            return True
+        target = self.queue.target
+        return target is not None and self._position is not None and self._position >= target
+
+    def _set_target(self) -> None:
+        tp = kafka().TopicPartition(self.queue.topic, self.queue.partition)
+        try:
+            _, high = self.side.consumer.get_watermark_offsets(tp, cached=True)
+        except kafka().KafkaException:
+            return
+        if high is not None and high >= 0:  # from the fetch responses (right on every broker)
+            self.queue.target = high
+
+    def _sort_out(self, messages: list[Any], values: list[Any]) -> tuple[list[Any], list[bytes]]:
+        kept, kept_values = [], []
+        eof_code = kafka().KafkaError._PARTITION_EOF
+        for message, value in zip(messages, values):
+            error = message.error()
+            if error is not None:
+                if error.code() == eof_code:
+                    self._eof = True
+                    if self._position is None or message.offset() > self._position:
+                        self._position = message.offset()
+                    continue
+                self.side._on_message_error(error)
+                continue
+            self._eof = False
+            if value is None:
+                self._rejects.append(Reject(message.offset(), b"", "message has no value (a tombstone)"))
+                self._position = message.offset() + 1
+                continue
+            kept.append(message)
+            kept_values.append(value)
+        return kept, kept_values
+
+    def _with_metadata(self, frame: pl.DataFrame, messages: list[Any], bad: set[int],
+                       rows: list[int] | None) -> pl.DataFrame:
+        good = [m for i, m in enumerate(messages) if i not in bad] if bad else messages
+        columns: dict[str, pl.Series] = {}
+        for what in self.side.owner.include:
+            columns[f"kafka_{what}"] = _metadata(what, good)
+        meta = pl.DataFrame(columns)
+        if rows is not None:  # Arrow: one message holds many rows
+            meta = meta.select(pl.all().repeat_by(pl.Series(rows, dtype=pl.UInt32)).explode()) if rows else meta
+        return pl.concat([frame, meta.slice(0, frame.height)], how="horizontal")
+
+    def position(self) -> Position:
+        return self._position
+
+    def take_rejects(self) -> list[Reject]:
+        rejects, self._rejects = self._rejects, []
+        return rejects
+
+    def commit(self, position: Position) -> None:
+        """Commit the group offset (the next offset to read) of this partition."""
+        if position is None or self.queue.lost or self.side.consumer is None:
+            return
+        tp = kafka().TopicPartition(self.queue.topic, self.queue.partition, int(position))
+        try:
+            self.side.consumer.commit(offsets=[tp], asynchronous=False)
+        except kafka().KafkaException as exc:
+            error = exc.args[0]
+            if error.name() not in _COMMIT_LOST:
+                raise StreamfnError(f"committing offset {position} of {self.queue.name} failed: {error.str()}") from exc
+            log.warning("offset commit refused (the partition moved to another worker); its records after the "
+                        "last commit will be read again there", extra={"partition": self.queue.name,
+                                                                        "offset": position, "error": error.str()})
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _metadata(what: str, messages: list[Any]) -> pl.Series:
+    if what == "key":
+        return pl.Series([m.key() for m in messages], dtype=pl.Binary)
+    if what == "partition":
+        return pl.Series([m.partition() for m in messages], dtype=pl.Int32)
+    if what == "offset":
+        return pl.Series([m.offset() for m in messages], dtype=pl.Int64)
+    if what == "timestamp":
+        return pl.Series([m.timestamp()[1] for m in messages], dtype=pl.Int64).cast(pl.Datetime("ms", "UTC"))
+    headers = [[{"key": k, "value": v} for k, v in (m.headers() or [])] for m in messages]
+    return pl.Series(headers, dtype=pl.List(pl.Struct({"key": pl.String, "value": pl.Binary})))

@@ -1,0 +1,171 @@
+"""Two small sinks of the example, written against streamfn's Sink contract.
+
+- `partitioned_parquet(url, by=[...])`: Parquet files in Hive folders (`date=2026-03-02/symbol=AAPL/`),
+  published atomically at each checkpoint like `files.parquet` (it reuses its per-lane writer).
+- `summary_table(...)`: keeps the latest window and running totals per symbol and prints them
+  as a table when the run ends.
+"""
+from __future__ import annotations
+
+import posixpath
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+import fsspec
+import polars as pl
+
+from streamfn.batch import Batch
+from streamfn.connectors.files.writers import LaneFileWriter
+from streamfn.contracts import Sink
+from streamfn.errors import ConfigError
+
+
+class _LanePartitions(Sink):
+    """One lane's writers, one per Hive partition folder it has written to."""
+
+    def __init__(self, parent: "PartitionedParquet", lane: str) -> None:
+        self.parent, self.lane = parent, lane
+        self._writers: dict[str, LaneFileWriter] = {}
+
+    def write(self, batch: Batch) -> None:
+        frame = batch.frame
+        if frame.height == 0:
+            return
+        missing = [c for c in self.parent.by if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"partitioned_parquet: the rows have no column(s) {missing} to partition by; "
+                              f"they have {frame.columns}")
+        for values, part in frame.partition_by(self.parent.by, as_dict=True, maintain_order=True).items():
+            folder = "/".join(f"{k}={v}" for k, v in zip(self.parent.by, values))
+            writer = self._writers.get(folder)
+            if writer is None:
+                writer = self._writers[folder] = self.parent.writer(folder, self.lane)
+            writer.write(batch.with_frame(part.drop(self.parent.by)))
+
+    def flush(self, checkpoint_id: str) -> None:
+        for writer in self._writers.values():
+            writer.flush(checkpoint_id)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+class PartitionedParquet(Sink):
+    """Parquet files under `url`, in one folder per value of the `by` columns."""
+
+    def __init__(self, url: str, by: Sequence[str]) -> None:
+        if not by:
+            raise ConfigError("partitioned_parquet needs at least one column in by=")
+        self.url, self.by = url, list(by)
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self._tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self._lock = threading.Lock()
+        self._shared: _LanePartitions | None = None
+
+    def default_name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1] or "parquet"
+
+    def describe(self) -> str:
+        return f"partitioned_parquet({self.url}, by={self.by})"
+
+    def writer(self, folder: str, lane: str) -> LaneFileWriter:
+        """A file writer of one lane in one partition folder."""
+        directory = posixpath.join(self.path.rstrip("/"), folder)
+        self.fs.makedirs(directory, exist_ok=True)
+        return LaneFileWriter(self.fs, directory, "parquet", "parquet", lane, self._tag,
+                              {"compression": "zstd"}, 1_000_000)
+
+    def for_lane(self, lane: str) -> Sink:
+        return _LanePartitions(self, lane)
+
+    def write(self, batch: Batch) -> None:  # callers that write to the sink itself share one writer
+        with self._lock:
+            if self._shared is None:
+                self._shared = _LanePartitions(self, "shared")
+            self._shared.write(batch)
+
+    def flush(self, checkpoint_id: str) -> None:
+        with self._lock:
+            if self._shared is not None:
+                self._shared.flush(checkpoint_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._shared is not None:
+                self._shared.close()
+
+
+def partitioned_parquet(url: str, *, by: Sequence[str]) -> PartitionedParquet:
+    """A Parquet sink writing Hive-partitioned folders (`key=value/...`) under url."""
+    return PartitionedParquet(url, by)
+
+
+class SummaryTable(Sink):
+    """Per symbol: the last price, the VWAP and the post sentiment of the run, printed at its end.
+
+    Fed two streams: price windows (they have `vwap`, no `posts`) and sentiment windows
+    (they have `posts`); it tells them apart by their columns.
+    """
+
+    def __init__(self, *, title: str, footer: Sequence[str] = (), out: TextIO | None = None) -> None:
+        self.title, self.footer, self.out = title, list(footer), out
+        self._lock = threading.Lock()
+        self._prices = pl.DataFrame()
+        self._sentiment = pl.DataFrame()
+
+    def default_name(self) -> str:
+        return "summary"
+
+    def describe(self) -> str:
+        return "summary_table()"
+
+    def write(self, batch: Batch) -> None:
+        frame = batch.frame
+        with self._lock:
+            if "posts" in frame.columns:
+                part = frame.group_by("symbol").agg(
+                    posts=pl.col("posts").sum(), weighted=(pl.col("sentiment") * pl.col("posts")).sum())
+                self._sentiment = pl.concat([self._sentiment, part]).group_by("symbol").agg(pl.all().sum())
+            else:
+                part = frame.sort("window_start").group_by("symbol").agg(
+                    window_start=pl.col("window_start").last(), last=pl.col("close").last(),
+                    pv=(pl.col("vwap") * pl.col("volume")).sum(), volume=pl.col("volume").sum())
+                both = pl.concat([self._prices, part]).sort("window_start")
+                self._prices = both.group_by("symbol").agg(
+                    pl.col("window_start", "last").last(), pl.col("pv", "volume").sum())
+
+    def flush(self, checkpoint_id: str) -> None:
+        """Nothing to make durable: the table is printed at the end."""
+
+    def table(self) -> pl.DataFrame:
+        """symbol, last price, VWAP over the run, mean post sentiment, posts."""
+        with self._lock:
+            prices, sentiment = self._prices, self._sentiment
+        if prices.is_empty():
+            prices = pl.DataFrame(schema={"symbol": pl.String, "last": pl.Float64, "pv": pl.Float64,
+                                          "volume": pl.Int64})
+        if sentiment.is_empty():
+            sentiment = pl.DataFrame(schema={"symbol": pl.String, "posts": pl.Int64, "weighted": pl.Float64})
+        return (prices.join(sentiment, on="symbol", how="full", coalesce=True).sort("symbol")
+                .select("symbol", pl.col("last").alias("last price"),
+                        (pl.col("pv") / pl.col("volume")).round(2).alias("VWAP"),
+                        (pl.col("weighted") / pl.col("posts")).round(3).alias("sentiment"),
+                        pl.col("posts").fill_null(0)))
+
+    def close(self) -> None:
+        out = self.out or sys.stdout
+        with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
+                       tbl_formatting="ASCII_MARKDOWN"):
+            print(f"\n{self.title}\n{self.table()}", file=out)
+        for line in self.footer:
+            print(line, file=out)
+        out.flush()
+
+
+def summary_table(*, title: str, footer: Sequence[str] = ()) -> SummaryTable:
+    """A sink that prints a per-symbol table (last price, VWAP, sentiment, posts) when the run ends."""
+    return SummaryTable(title=title, footer=footer)

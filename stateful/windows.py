@@ -1,0 +1,172 @@
+"""The window stage: event-time windows per key, kept as partial aggregates per lane."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from streamfn.batch import Batch
+from streamfn.contracts import StageRunner
+from streamfn.deadletter import DeadLetter, row_payload
+from streamfn.errors import StageError
+from streamfn.pipeline import Node
+from streamfn.stateful import partials as P
+from streamfn.stateful import windowmath as W
+from streamfn.stateful.keys import KeyOwners
+from streamfn.windows import Hopping, Session, Sliding, Tumbling
+
+if TYPE_CHECKING:
+    from streamfn.lane import Lane
+
+log = logging.getLogger("streamfn.stateful.windows")
+
+_MAX_LATE_LETTERS = 10_000  # per batch; the rest are counted in one summary letter
+
+
+def window_stage(node: Node, spec: dict[str, Any], lane: "Lane") -> "WindowStage":
+    """Build the window stage of one lane (called by the runtime)."""
+    return WindowStage(node, spec, lane)
+
+
+class WindowStage(StageRunner):
+    """Assigns records to windows, merges partial aggregates, emits windows the watermark passed."""
+
+    def __init__(self, node: Node, spec: dict[str, Any], lane: "Lane") -> None:
+        self.node, self.lane = node, lane
+        self.window: Tumbling | Hopping | Sliding | Session = spec["window"]
+        self.keys: list[str] = list(spec["by"])
+        self.on: str = spec["on"]
+        self.aggs: tuple[pl.Expr, ...] = spec["aggs"]
+        self.lateness_ms: int = spec["allowed_lateness_ms"]
+        self.early: bool = spec["early"]
+        self.plan = P.plan(self.aggs)
+        self.columns = sorted({c for e in self.aggs for c in e.meta.root_names()} - set(self.keys))
+        self.max_ts: int | None = None
+        self.state: pl.DataFrame | None = None  # partials per key and window, or raw rows (sliding)
+        self.time_dtype: pl.DataType = pl.Int64()
+        self.owners = KeyOwners.for_stage(lane, node.name, self.keys)
+
+    # -- the runtime's calls --------------------------------------------------------------
+    def process(self, frame: pl.DataFrame, batch: Batch) -> pl.DataFrame | None:
+        """Fold a batch into the open windows; return the windows it closed."""
+        if frame.height == 0:
+            return None
+        self._check_columns(frame, batch)
+        self.owners.claim(frame, self.lane.id)
+        marked = W.with_watermarks(frame.lazy().with_columns(W.event_ms(frame, self.on)),
+                                   self.max_ts, self.lateness_ms)
+        needed = [*self.keys, *self.columns, W.TS, W.WM]
+        marked = marked.select(needed).with_columns(W.late_mask(self.window).alias("__late")).collect()
+        late = marked.get_column("__late")
+        if late.any():
+            self._dead_letter_late(frame, batch, marked)
+        batch_max = marked.get_column(W.TS).max()
+        self._fold(marked.lazy().filter(~pl.col("__late")).drop("__late"))
+        if batch_max is not None and (self.max_ts is None or batch_max > self.max_ts):
+            self.max_ts = int(batch_max)  # type: ignore[arg-type]
+        return self._emit(None if self.max_ts is None else self.max_ts - self.lateness_ms)
+
+    def finish(self) -> pl.DataFrame | None:
+        """End of bounded input: the watermark jumps to the end and every window is emitted."""
+        return self._emit(2**62)
+
+    def snapshot(self, checkpoint_id: str) -> dict[str, Any]:
+        """The open windows' partial aggregates and the lane's event-time progress."""
+        tz = self.time_dtype.time_zone if isinstance(self.time_dtype, pl.Datetime) else None
+        return {"kind": "window", "max_ts": self.max_ts, "state": self.state,
+                "datetime": isinstance(self.time_dtype, pl.Datetime), "time_zone": tz}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Load what `snapshot` saved."""
+        self.max_ts = saved.get("max_ts")
+        self.state = saved.get("state")
+        if saved.get("datetime"):
+            self.time_dtype = pl.Datetime("ms", saved.get("time_zone"))
+        if self.state is not None:
+            self.owners.claim(self.state, self.lane.id)
+
+    # -- folding --------------------------------------------------------------------------
+    def _fold(self, rows: pl.LazyFrame) -> None:
+        keys, spec = self.keys, self.window
+        if isinstance(spec, Sliding):
+            new = rows.drop(W.WM).with_columns(pl.lit(False).alias("__done")).collect()
+            self.state = new if self.state is None else pl.concat([self.state, new], how="vertical_relaxed")
+            return
+        if isinstance(spec, Session):
+            fresh = W.session_partials(rows.drop(W.WM), spec, keys, self.plan)
+        else:
+            fresh = W.fixed_partials(rows, spec, keys, self.plan)
+        fresh = fresh.select([*keys, W.WS, W.WE, *self.plan.columns])
+        combined = fresh if self.state is None else pl.concat([self.state.lazy(), fresh], how="vertical_relaxed")
+        if isinstance(spec, Session):
+            merged = W.merge_sessions(combined, keys, self.plan)
+        else:
+            merged = W.merge_fixed(combined, keys, self.plan)
+        self.state = merged.select([*keys, W.WS, W.WE, *self.plan.columns]).collect()
+
+    def _emit(self, watermark: int | None) -> pl.DataFrame | None:
+        if self.state is None or watermark is None or self.state.height == 0:
+            return None
+        if isinstance(self.window, Sliding):
+            return self._emit_sliding(watermark)
+        closing = pl.col(W.WE) <= watermark
+        done = self.state.filter(closing)
+        self.state = self.state.filter(~closing)
+        outputs = []
+        if done.height:
+            outputs.append(self._finish(done, final=True))
+        if self.early and self.state.height:
+            outputs.append(self._finish(self.state, final=False))
+        if not outputs:
+            return None
+        return pl.concat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _emit_sliding(self, watermark: int) -> pl.DataFrame | None:
+        assert self.state is not None and isinstance(self.window, Sliding)
+        emit = (~self.state.get_column("__done")) & (self.state.get_column(W.TS) < watermark)
+        out = None
+        if emit.any():
+            out = W.sliding_results(self.state.drop("__done"), self.window, self.keys, self.aggs, emit)
+            out = self._shape(out.rename({W.WS: "window_start", W.WE: "window_end"}))
+        keep = pl.col(W.TS) > watermark - self.window.size_ms
+        self.state = self.state.with_columns((pl.col("__done") | emit).alias("__done")).filter(keep)
+        return out
+
+    def _finish(self, partial_rows: pl.DataFrame, *, final: bool) -> pl.DataFrame:
+        done = P.finished(partial_rows, [*self.keys, W.WS, W.WE], self.plan).collect()
+        done = done.rename({W.WS: "window_start", W.WE: "window_end"}).sort([*self.keys, "window_start"])
+        if self.early:
+            done = done.with_columns(pl.lit(final).alias("final"))
+        return self._shape(done)
+
+    def _shape(self, out: pl.DataFrame) -> pl.DataFrame:
+        if isinstance(self.time_dtype, pl.Datetime):
+            return out.with_columns(pl.col("window_start", "window_end").cast(self.time_dtype))
+        return out
+
+    # -- checks and late records ---------------------------------------------------------------
+    def _check_columns(self, frame: pl.DataFrame, batch: Batch) -> None:
+        missing = [c for c in (*self.keys, self.on, *self.columns) if c not in frame.schema]
+        if missing:
+            raise StageError(self.node.name, batch.source, batch.partition, batch.first_offset,
+                             f"the window needs column(s) {missing}; the rows have {frame.columns}")
+        dtype = frame.schema[self.on]
+        if isinstance(dtype, pl.Datetime):
+            self.time_dtype = pl.Datetime("ms", dtype.time_zone)
+
+    def _dead_letter_late(self, frame: pl.DataFrame, batch: Batch, marked: pl.DataFrame) -> None:
+        """Late records go to the dead letters with their event time and the watermark."""
+        indices = marked.with_row_index("__i").filter(pl.col("__late")).select("__i", W.TS, W.WM)
+        letters = []
+        for i, ts, wm in indices.head(_MAX_LATE_LETTERS).iter_rows():
+            offset, row = self.lane.row_offset(frame, batch, i)
+            reason = (f"late: event time {ts} ms is behind the watermark {wm} ms "
+                      f"(allowed_lateness={self.lateness_ms} ms); its window already closed")
+            letters.append(DeadLetter(self.node.name, batch.source, batch.partition, offset, reason,
+                                      row_payload(frame.slice(i, 1)), row))
+        if indices.height > _MAX_LATE_LETTERS:
+            letters.append(DeadLetter(self.node.name, batch.source, batch.partition, batch.first_offset,
+                                      f"late: {indices.height - _MAX_LATE_LETTERS} more late records in "
+                                      "this batch (payloads not kept)", ""))
+        self.lane.dead_letter(letters, stage=self.node.name)
