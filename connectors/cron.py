@@ -209,13 +209,56 @@ def schedule(expr: str, fn: Fn, *, max_runs: int | None = None, timezone: str = 
     """Run `fn` on a crontab schedule ('*/5 * * * *': minute hour day month weekday)."""
     triggers = import_optional("apscheduler.triggers.cron", extra="cron")
     try:
-        trigger = triggers.CronTrigger.from_crontab(expr, timezone=timezone)
+        fields = expr.split()
+        if len(fields) != 5:
+            raise ValueError(f"it has {len(fields)} fields")
+        minute, hour, day, month, weekday = fields
+        trigger = triggers.CronTrigger(minute=minute, hour=hour, day=day, month=month,
+                                       day_of_week=crontab_weekdays(weekday), timezone=timezone)
     except (ValueError, LookupError) as exc:
         raise ConfigError(f"invalid cron expression {expr!r} or timezone {timezone!r}: {exc}; expected "
                           "five fields 'minute hour day month weekday', e.g. '*/5 * * * *'") from None
     return CronSource(trigger, f"cron.schedule({expr!r})", fn, max_runs=max_runs, timezone=timezone,
                       misfire_grace_s=parse_duration_s(misfire_grace), max_waiting_runs=max_waiting_runs,
                       name=name, init_context=init_context)
+
+
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+
+
+def crontab_weekdays(field: str) -> str:
+    """A crontab weekday field (0 or 7 = Sunday) as apscheduler's day names.
+
+    apscheduler 3 numbers days from Monday = 0, so '1-5' would mean Tuesday to Saturday;
+    names say the same thing to both.
+    """
+    if field == "*":
+        return "*"
+    days: set[int] = set()
+    for part in field.lower().split(","):
+        spec, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if spec == "*":
+            first, last = 0, 6
+        else:
+            low, _, high = spec.partition("-")
+            first = _day_number(low)
+            last = _day_number(high) if high else (6 if step_text else first)
+            if high and last == 0:  # '5-0' / '5-7': through Sunday
+                last = 7
+        if step < 1 or last < first:
+            raise ValueError(f"cannot read the weekday field {field!r}")
+        days.update(d % 7 for d in range(first, last + 1, step))
+    return ",".join(_DAYS[d] for d in sorted(days))
+
+
+def _day_number(text: str) -> int:
+    if text[:3] in _DAYS:
+        return _DAYS.index(text[:3])
+    number = int(text)
+    if not 0 <= number <= 7:
+        raise ValueError(f"weekday {number} is not 0-7")
+    return number
 
 
 def every(interval: str | float, fn: Fn, *, max_runs: int | None = None, timezone: str = "UTC",

@@ -217,7 +217,8 @@ def scaled_object(spec: dict[str, Any], kafka: list[dict[str, Any]]) -> dict[str
             log.warning("no Kafka brokers known; the ScaledObject uses a placeholder",
                         extra={"source": t["source"], "brokers": brokers,
                                "fix": "streamfn export ... --set kafka.brokers=HOST:PORT"})
-        group = t.get("group") or settings.get("kafka.group") or spec["metadata"].get("pipeline", name)
+        # the Kafka connector's default group is streamfn-<pipeline>
+        group = t.get("group") or settings.get("kafka.group") or f"streamfn-{spec['metadata'].get('pipeline', name)}"
         for topic in str(t.get("topic", t["source"])).split(","):  # a KEDA kafka trigger watches one topic
             triggers.append({"type": "kafka", "metadata": {
                 "bootstrapServers": brokers, "consumerGroup": group, "topic": topic,

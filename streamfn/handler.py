@@ -61,10 +61,11 @@ class HandlerStage:
         self.__name__ = name or getattr(handler, "__name__", "handler")
         self.context = context or Context(Logger(base={"stage": self.__name__}))
 
-    def __call__(self, df: pl.DataFrame) -> pl.DataFrame | None:
-        """Run the handler on every row of `df` here (a notebook or a test); errors propagate."""
-        out = self.run(df, on_error=None, source="call")
-        return out
+    def __call__(self, df: Any, event: Any = None) -> Any:
+        """On a DataFrame: run the handler per row (errors propagate); else call it as it is."""
+        if isinstance(df, pl.DataFrame) and event is None:
+            return self.run(df, on_error=None, source="call")
+        return self.handler(df, event)  # handler(context, event), e.g. in a notebook's test cell
 
     def make_runner(self, node: "Node", lane: "Lane") -> StageRunner:
         """The runner a lane uses for this stage (it dead-letters failing rows)."""
@@ -137,6 +138,15 @@ def wrap(handler: Handler, *, init_context: Callable[[Context], Any] | None = No
     if not callable(handler):
         raise TypeError(f"wrap() takes a handler function, got {type(handler).__name__}")
     return HandlerStage(handler, init_context=init_context, name=name)
+
+
+def as_stage(fn: Any, *, name: str | None = None) -> Any:
+    """`fn` as a stage function: a handler(context, event) is wrapped (with its module's
+    init_context, as Nuclio does); anything else is returned as it is."""
+    if isinstance(fn, HandlerStage) or not is_handler(fn):
+        return fn
+    init = getattr(fn, "__globals__", {}).get("init_context")
+    return wrap(fn, init_context=init if callable(init) else None, name=name)
 
 
 # -- events in, answers out ---------------------------------------------------------------------

@@ -159,6 +159,10 @@ class Pipeline:
             if not upstreams:
                 raise GraphError(f"stage {stage_name!r} has no upstream: "
                                  "write @p.stage(source_node, ...)")
+            if state is None:  # a Nuclio-style handler(context, event) runs once per row
+                from streamfn.handler import as_stage
+
+                fn = as_stage(fn, name=stage_name)
             _check_arity(fn, stage_name, 2 if state is not None else 1)
             options = {"state": state, "engine": engine}
             return self._add(Node(self, "stage", stage_name, tuple(upstreams), fn=fn, options=options))

@@ -155,7 +155,8 @@ def _trigger(node: Node, settings: dict[str, str]) -> dict[str, Any]:
     module = type(connector).__module__
     kind = info.get("kind") or next((k for k in TRIGGER_KINDS if f".{k}" in f".{module}"), "other")
     info.update({"kind": kind if kind in TRIGGER_KINDS else "other", "source": node.name})
-    for key, attrs in (("topic", ("topic", "topics")), ("group", ("group",)), ("bootstrap", ("bootstrap", "brokers")),
+    for key, attrs in (("topic", ("topic", "topics")), ("group", ("group", "group_arg")),
+                       ("bootstrap", ("bootstrap", "brokers", "brokers_arg")),
                        ("path", ("path",)), ("port", ("port",)), ("method", ("method",)),
                        ("schedule", ("schedule", "expr", "interval")), ("url", ("url",))):
         if key not in info:
@@ -169,6 +170,10 @@ def _trigger(node: Node, settings: dict[str, str]) -> dict[str, Any]:
             info["group"] = settings["kafka.group"]
         if "partitions" not in info and (hint := _first_attr(connector, ("partitions_hint", "num_partitions"))):
             info["partitions"] = hint
+        if "partitions" not in info and getattr(connector, "create", False):  # kafka.topic(create=True, partitions=N)
+            wanted = getattr(connector, "partitions_wanted", None)
+            if isinstance(wanted, int) and wanted > 0:
+                info["partitions"] = wanted
     info["describe"] = connector.describe() if connector is not None else node.name
     return {k: v for k, v in info.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
 

@@ -151,3 +151,21 @@ def test_export_into_a_file_is_a_clear_error(tmp_path: Path) -> None:
     path = str(DATA / "http_pipe.py")
     with pytest.raises(ConfigError, match="is a file"):
         export_pipeline(load_pipeline(path), path, str(target), settings={})
+
+
+def test_a_real_kafka_topic_becomes_the_keda_trigger(tmp_path: Path) -> None:
+    """kafka.topic() needs no broker to be exported: topic, group, brokers and partitions come from it."""
+    code = tmp_path / "kpipe.py"
+    code.write_text(
+        "import streamfn as sf\nfrom streamfn.connectors import kafka, memory\n"
+        "p = sf.Pipeline('kjob')\n"
+        "t = p.source(kafka.topic('trades', group='g1', brokers='kafka-0:9092', create=True, partitions=6))\n"
+        "t.sink(memory.sink())\n")
+    out = tmp_path / "out"
+    export_pipeline(load_pipeline(str(code)), str(code), str(out), settings={"spec.max_replicas": "10"})
+    scaled = yaml.safe_load((out / "k8s" / "scaledobject.yaml").read_text())
+    check_keda(scaled)
+    assert scaled["spec"]["maxReplicaCount"] == 6
+    assert scaled["spec"]["triggers"][0]["metadata"]["topic"] == "trades"
+    assert scaled["spec"]["triggers"][0]["metadata"]["consumerGroup"] == "g1"
+    assert scaled["spec"]["triggers"][0]["metadata"]["bootstrapServers"] == "kafka-0:9092"

@@ -165,3 +165,20 @@ def test_a_file_with_only_a_handler_is_served_over_http(run_dir, caplog):
 def test_pipeline_for_handler_needs_a_handler():
     with pytest.raises(LoadError, match="no handler"):
         pipeline_for_handler({"x": 1}, port=0, host="127.0.0.1")
+
+
+def test_a_handler_decorated_as_a_stage_runs_per_row_and_stays_callable(run_dir):
+    p = sf.Pipeline("decorated", run_dir=run_dir)
+    rows = p.source(memory.source([{"name": "ada"}, {"name": "bob"}]))
+
+    @p.stage(rows)
+    def handler(context, event):  # init_context of this module runs first, as in Nuclio
+        return {"text": f"{context.user_data.greeting} {event.body['name']}"}
+
+    out = memory.sink()
+    handler.sink(out)
+    p.run(until_idle=True, handle_signals=False)
+    assert out.frame()["text"].to_list() == ["hello ada", "hello bob"]
+    context = Context()
+    init_context(context)
+    assert handler(context, Event(body={"name": "cy"})) == {"text": "hello cy"}

@@ -139,7 +139,7 @@ class _ShardReader(SourcePartition):
             for seq, payload in frame.filter(raw).select("seq_number", "raw_data").iter_rows():
                 self._rejects.append(Reject(int(seq), payload, "v3io stream record is not a JSON object"))
             frame = frame.filter(~raw).drop("raw_data")
-        bad = pl.Series([False] * frame.height)
+        bad = pl.Series([False] * frame.height, dtype=pl.Boolean)
         for name, dtype in self.stream.schema.items():
             if name not in frame.columns:
                 frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))

@@ -108,3 +108,11 @@ def test_schedule_reads_crontab_in_a_time_zone():
 def test_bad_schedules_are_clear_errors(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+@pytest.mark.parametrize("field,names", [
+    ("1-5", "mon,tue,wed,thu,fri"), ("0", "sun"), ("7", "sun"), ("*/2", "sun,tue,thu,sat"),
+    ("sat,sun", "sun,sat"), ("5-7", "sun,fri,sat"), ("*", "*"),
+])
+def test_crontab_weekdays_count_from_sunday(field, names):
+    assert cron.crontab_weekdays(field) == names

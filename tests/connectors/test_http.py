@@ -285,3 +285,18 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_full_queue_gets_503_and_unprocessed_accepted_requests_are_dead_letters(run_dir):
+    p = sf.Pipeline("slow", run_dir=run_dir)
+    events = p.source(http.endpoint("/in", port=0, max_wait="60s", max_pending=2), name="events")
+    events.sink(memory.sink())
+    with serving(p) as run, httpx.Client() as client:
+        accepted = [client.post(run.url("events"), json={"n": i}) for i in range(2)]
+        refused = client.post(run.url("events"), json={"n": 2})
+    assert [r.status_code for r in accepted] == [202, 202]
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    letters = read_dead_letters(run_dir)
+    assert sorted(d["offset"] for d in letters) == sorted(r.json()["id"] for r in accepted)
+    assert all("stopped before this accepted request was processed" in d["error"] for d in letters)
+    assert sorted(json.loads(d["payload"])["n"] for d in letters) == [0, 1]
