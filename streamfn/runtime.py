@@ -224,6 +224,7 @@ class Runtime:
         self.stop("error")
 
     def _check_finished(self) -> None:
+        """Called by the main thread only: sources answer exhausted() one caller at a time."""
         with self._cond:
             if self._lanes or self._running:
                 return
@@ -293,8 +294,6 @@ class Runtime:
                 lane.backoff_s = 0.0
                 self._ready.append(lane)
             self._cond.notify()
-        if result == DONE:
-            self._check_finished()
 
     def _source_node(self, source: Source) -> Node:
         for node in self.sources.values():

@@ -54,6 +54,7 @@ class Files(Source, Sink):
         self._ctx: Any = None
         self._seen: set[str] = set()
         self._stop = threading.Event()
+        self._watch_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._run_tag = ""
         self._shared = SharedWriters(self._lane_writer)
@@ -101,9 +102,10 @@ class Files(Source, Sink):
             self._add_new()
 
     def _add_new(self) -> bool:
-        new = [p for p in self._matching() if p not in self._seen]
-        if new:
+        with self._watch_lock:  # the watcher thread and the runtime may both ask
+            new = [p for p in self._matching() if p not in self._seen]
             self._seen.update(new)
+        if new:
             log.info("new files", extra={"source": self.default_name(), "files": len(new)})
             self._ctx.add_partitions(self, new)
         return bool(new)

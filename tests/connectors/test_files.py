@@ -210,3 +210,37 @@ def test_watch_mode_picks_up_new_files_until_idle(tmp_path, run_dir):
     add_file_once.sink(out)
     summary = p.run(until_idle=True)
     assert out.frame().height == 12 and summary.lanes == 2
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["ndjson", "parquet"])
+def test_files_on_s3_round_trip(fmt, s3_bucket, run_dir):
+    options = {"endpoint_url": s3_bucket.endpoint, "key": "testing", "secret": "testing"}
+    for i in range(2):
+        write_with = fsspec.open(s3_bucket.url(f"in/part-{i}.{EXT[fmt]}"), "wb", **options)
+        with write_with as fh:
+            (TICKS.slice(i * 25, 25).write_ndjson if fmt == "ndjson" else TICKS.slice(i * 25, 25).write_parquet)(fh)
+    p = sf.Pipeline(f"s3-{fmt}", run_dir=run_dir)
+    src = p.source(getattr(files, fmt)(s3_bucket.url(f"in/*.{EXT[fmt]}"), schema=SCHEMA, storage_options=options))
+    src.stage(lambda df: df.filter(pl.col("volume") > 0), name="clean") \
+        .sink(getattr(files, fmt)(s3_bucket.url("out/"), storage_options=options))
+    summary = p.run(until_idle=True)
+    assert summary.lanes == 2
+    fs = fsspec.filesystem("s3", **options)
+    names = fs.ls(f"{s3_bucket.name}/out", detail=False)
+    assert names and all(n.rsplit("/", 1)[-1].startswith("part-") for n in names)
+    reader = pl.read_ndjson if fmt == "ndjson" else pl.read_parquet
+    out = pl.concat([reader(fs.cat(n)) for n in names]).sort("ts")
+    assert_frame_equal(out, TICKS.filter(pl.col("volume") > 0), check_dtypes=False)
+
+
+def test_a_custom_dead_letter_sink_gets_the_failed_records(tmp_path, run_dir):
+    (tmp_path / "t.jsonl").write_text('{"a": 1}\nnope\n{"a": 2}\n')
+    p = sf.Pipeline("customdlq", run_dir=run_dir)
+    letters = memory.sink()
+    p.dead_letter(letters)
+    p.source(files.ndjson(str(tmp_path / "t.jsonl"), schema={"a": pl.Int64})).sink(memory.sink())
+    summary = p.run(until_idle=True)
+    assert summary.dead_letters == 1
+    assert letters.frame().select("stage", "offset", "payload").to_dicts() == [
+        {"stage": "parse", "offset": "1", "payload": "nope"}]
