@@ -20,11 +20,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 BODY = json.dumps({"x": 1.5, "name": "abc"}).encode()
 
 
-def serve(port: int, max_wait: str, lanes: int) -> None:
+def serve(port: int, max_wait: str, lanes: int, mode: str) -> None:
     """The child process: serve the scoring pipeline until SIGTERM, then print its summary."""
     import polars as pl
 
@@ -34,13 +35,23 @@ def serve(port: int, max_wait: str, lanes: int) -> None:
 
     configure_logging(level="warning")
     p = sf.Pipeline("http_bench", run_dir=os.environ.get("BENCH_RUN_DIR", "/tmp/streamfn-http-bench"))
-    requests = p.source(http.endpoint("/score", port=port, max_wait=max_wait, lanes=lanes), name="requests")
+    if mode == "handler":  # a Nuclio-style handler, one call per request
+        requests = p.source(http.endpoint("/score", port=port, max_wait=max_wait, lanes=lanes, events=True),
+                            name="requests")
 
-    @p.stage(requests)
-    def score(df: pl.DataFrame) -> pl.DataFrame:
-        return df.with_columns((pl.col("x") * 2).alias("score"))
+        def handler(context: Any, event: Any) -> dict[str, Any]:
+            return {"x": event.body["x"], "score": event.body["x"] * 2}
 
-    http.respond(score)
+        stage = p.stage(requests, name="score")(handler)
+    else:
+        requests = p.source(http.endpoint("/score", port=port, max_wait=max_wait, lanes=lanes), name="requests")
+
+        @p.stage(requests)
+        def score(df: pl.DataFrame) -> pl.DataFrame:
+            return df.with_columns((pl.col("x") * 2).alias("score"))
+
+        stage = score
+    http.respond(stage)
     summary = p.run()
     stats = summary.nodes["score"]
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -100,15 +111,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=18080)
-    parser.add_argument("--max-wait", default="5ms")
+    parser.add_argument("--max-wait", default="2ms")
     parser.add_argument("--lanes", type=int, default=1)
+    parser.add_argument("--mode", choices=["rows", "handler"], default="rows",
+                        help="a DataFrame stage (rows) or a handler(context, event) per request")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.port, args.max_wait, args.lanes)
+        serve(args.port, args.max_wait, args.lanes, args.mode)
         return
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(args.port),
-                              "--max-wait", args.max_wait, "--lanes", str(args.lanes)],
+                              "--max-wait", args.max_wait, "--lanes", str(args.lanes), "--mode", args.mode],
                              stdout=subprocess.PIPE, text=True)
     try:
         wait_ready(args.port)
@@ -127,7 +140,7 @@ def main() -> None:
     stage = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     mean_batch = stage.get("stage_rows", 0) / max(1, stage.get("stage_batches", 1))
     print(f"http trigger: {args.clients} clients, {args.seconds:g}s (after {args.warmup:g}s warm-up), "
-          f"max_wait={args.max_wait}, lanes={args.lanes}")
+          f"max_wait={args.max_wait}, lanes={args.lanes}, stage={args.mode}")
     print(f"  requests/s: {n / args.seconds:,.0f}   errors: {len(errors)}")
     print(f"  latency ms: p50 {pct(0.50):.2f}  p90 {pct(0.90):.2f}  p99 {pct(0.99):.2f}  max {latencies[-1] * 1000:.2f}")
     print(f"  stage: {stage.get('stage_batches', '?')} calls, mean batch {mean_batch:.1f} requests")

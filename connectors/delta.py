@@ -198,7 +198,8 @@ class _DeltaLaneWriter(Sink):
                                    partition_by=p.partition_by, schema_mode=p.schema_mode,
                                    storage_options=p.storage_options, commit_properties=props)
         except (dl.exceptions.SchemaMismatchError, dl.exceptions.DeltaError) as exc:
-            if isinstance(exc, dl.exceptions.CommitFailedError):
+            if isinstance(exc, dl.exceptions.CommitFailedError) or not (
+                    isinstance(exc, dl.exceptions.SchemaMismatchError) or "schema" in str(exc).lower()):
                 raise
             expected = "?" if dt is None else describe_schema(pa.schema(dt.schema().to_arrow()))
             raise SchemaMismatch(f"delta table {p.url}: the batch ({describe_schema(rows.schema)}) does not "

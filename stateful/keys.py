@@ -48,7 +48,7 @@ class KeyOwners:
 
     def claim(self, frame: pl.DataFrame, lane_id: str) -> None:
         """Record the keys of these rows for a lane; raise if another lane already has one."""
-        hashes = frame.select(pl.struct(self.keys).hash(seed=0).unique()).to_series().to_list()
+        hashes = frame.select(self._hash().unique()).to_series().to_list()
         with self._lock:
             mine = self._by_lane.setdefault(lane_id, set())
             fresh = set(hashes) - mine
@@ -59,13 +59,17 @@ class KeyOwners:
                     self._fail(frame, lane_id, other, fresh & theirs)
             mine |= fresh
 
+    def _hash(self) -> pl.Expr:
+        key = pl.col(self.keys[0]) if len(self.keys) == 1 else pl.struct(self.keys)
+        return key.hash(seed=0)
+
     def release(self, lane_id: str) -> None:
         """Forget a closed lane's keys (its partition may reopen elsewhere)."""
         with self._lock:
             self._by_lane.pop(lane_id, None)
 
     def _fail(self, frame: pl.DataFrame, lane_id: str, other: str, shared: set[int]) -> None:
-        hashed = frame.with_columns(pl.struct(self.keys).hash(seed=0).alias("__h"))
+        hashed = frame.with_columns(self._hash().alias("__h"))
         example = hashed.filter(pl.col("__h").is_in(list(shared)[:1])).select(self.keys).row(0)
         raise KeySplitError(
             f"stage {self.stage!r}: key {example} arrives in lanes {other} and {lane_id}; keyed state "

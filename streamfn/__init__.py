@@ -24,6 +24,14 @@ from streamfn.windows import hopping, session, sliding, table, tumbling
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """`%load_ext streamfn` in Jupyter: `context`, `Event` and the %streamfn/%nuclio magics."""
+    from streamfn.ipython import load
+
+    load(ipython)
+
+
 __all__ = [
     "Backpressure", "Batch", "ConfigError", "DeadLetterLimit", "EndOfInput", "GraphError", "LoadError",
     "MissingDependency", "Node", "Pipeline", "Position", "Reject", "RunSummary", "Sink", "Source",

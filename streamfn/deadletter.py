@@ -40,8 +40,13 @@ def payload_text(payload: bytes | str) -> tuple[str, str]:
         return base64.b64encode(payload).decode("ascii"), "base64"
 
 
-def row_payload(frame: pl.DataFrame) -> str:
-    """A one-row frame as a JSON object (the payload of a failed stage row)."""
+def row_payload(frame: pl.DataFrame) -> bytes | str:
+    """A one-row frame as JSON (a failed stage row's payload); a lone bytes column as its bytes."""
+    if frame.width == 1 and frame.dtypes[0] == pl.Binary:
+        return frame.item() or b""  # e.g. a raw Kafka value: kept as it came
+    binary = [name for name, dtype in frame.schema.items() if dtype == pl.Binary]
+    if binary:  # polars panics writing bytes as JSON (a BaseException, past the except below)
+        frame = frame.with_columns(pl.col(binary).bin.encode("base64"))
     try:
         return frame.write_ndjson().strip()
     except Exception:  # e.g. an object column polars cannot serialise: keep what we can

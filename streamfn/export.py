@@ -92,6 +92,7 @@ def dockerfile(spec: dict[str, Any]) -> str:
         f"ARG BASE_IMAGE={s['runtime']['baseImage']}",
         "FROM ${BASE_IMAGE}",
         "ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1",
+        "ENV OTEL_EXPORTER_PROMETHEUS_HOST=0.0.0.0",
     ]
     if gpu:  # the RAPIDS base brings cudf and CUDA; the NVIDIA runtime mounts the driver
         lines.append("ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility")
@@ -156,10 +157,14 @@ def deployment(spec: dict[str, Any]) -> dict[str, Any]:
     if res["gpu"]:
         limits["nvidia.com/gpu"] = res["gpu"]
     ports = [{"name": "metrics", "containerPort": s["ports"]["metrics"], "protocol": "TCP"}]
+    args = [f"{SPEC_MOUNT}/{SPEC_FILE}", "--metrics-port", str(s["ports"]["metrics"]), "--log-format", "json"]
     if "http" in s["ports"]:
         ports.append({"name": "http", "containerPort": s["ports"]["http"], "protocol": "TCP"})
+        args += ["--host", "0.0.0.0", "--port", str(s["ports"]["http"])]  # reachable through the Service
     env: list[dict[str, Any]] = [
-        {"name": "STREAMFN_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+        {"name": "STREAMFN_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # the status server (probes, /metrics) listens on 127.0.0.1 unless told otherwise
+        {"name": "OTEL_EXPORTER_PROMETHEUS_HOST", "value": "0.0.0.0"}]
     for item in s["env"]:
         if "value" in item:
             env.append({"name": item["name"], "value": item["value"]})
@@ -172,8 +177,7 @@ def deployment(spec: dict[str, Any]) -> dict[str, Any]:
     probe = {"httpGet": {"path": HEALTH_PATH, "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3}
     container: dict[str, Any] = {
         "name": "streamfn", "image": s["runtime"]["image"], "imagePullPolicy": "IfNotPresent",
-        "args": [f"{SPEC_MOUNT}/{SPEC_FILE}", "--metrics-port", str(s["ports"]["metrics"]),
-                 "--log-format", "json"],
+        "args": args,
         "command": ["streamfn", "run"],
         "ports": ports, "env": env,
         "resources": {"requests": requests, "limits": limits},

@@ -140,13 +140,60 @@ def wrap(handler: Handler, *, init_context: Callable[[Context], Any] | None = No
     return HandlerStage(handler, init_context=init_context, name=name)
 
 
-def as_stage(fn: Any, *, name: str | None = None) -> Any:
+def as_stage(fn: Any, *, name: str | None = None, stateful: bool = False) -> Any:
     """`fn` as a stage function: a handler(context, event) is wrapped (with its module's
     init_context, as Nuclio does); anything else is returned as it is."""
-    if isinstance(fn, HandlerStage) or not is_handler(fn):
+    if isinstance(fn, (HandlerStage, StatefulHandlerStage)) or not is_handler(fn):
         return fn
     init = getattr(fn, "__globals__", {}).get("init_context")
-    return wrap(fn, init_context=init if callable(init) else None, name=name)
+    stage = wrap(fn, init_context=init if callable(init) else None, name=name)
+    return StatefulHandlerStage(stage) if stateful else stage
+
+
+class StatefulHandlerStage:
+    """A handler stage with keyed state: `fn(df, table)` for the runtime, `context.state` for the handler."""
+
+    def __init__(self, stage: HandlerStage) -> None:
+        self.stage = stage
+        self.__name__ = stage.__name__
+        self._states: dict[int, RecordState] = {}
+
+    def __call__(self, df: Any, table: Any) -> Any:
+        """Run the handler per row with `context.state` on this lane's table (a raising row
+        propagates: the stateful runner rolls the batch back and retries it row by row)."""
+        if not isinstance(df, pl.DataFrame):
+            return self.stage.handler(df, table)  # handler(context, event) called directly
+        state = self._states.get(id(table))
+        if state is None or state.table is not table:
+            state = self._states[id(table)] = RecordState(table)
+        self.stage.context.state = state
+        return self.stage.run(df, on_error=None, source="stateful")
+
+
+class RecordState:
+    """`context.state` of a stateful handler: rows of the stage's table, one key at a time."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.key: list[str] = list(table.key)
+
+    def _key_frame(self, key: Any) -> pl.DataFrame:
+        values = key if isinstance(key, dict) else dict(zip(self.key, key if isinstance(key, tuple) else (key,)))
+        return pl.DataFrame({k: [values[k]] for k in self.key})
+
+    def get(self, key: Any, default: Any = None) -> dict[str, Any] | Any:
+        """The row of `key` (a value, a tuple for several key columns, or a dict), else default."""
+        wanted = self._key_frame(key)
+        rows = self.table.frame().join(wanted, on=self.key, how="semi", nulls_equal=True)
+        return rows.row(0, named=True) if rows.height else default
+
+    def put(self, row: dict[str, Any]) -> None:
+        """Insert or replace the row of its key."""
+        self.table.put(pl.from_dicts([row]))
+
+    def delete(self, key: Any) -> None:
+        """Forget the row of `key`."""
+        self.table.delete(self._key_frame(key))
 
 
 # -- events in, answers out ---------------------------------------------------------------------

@@ -158,6 +158,11 @@ def _apply_cell_magic(name: str, args: str, body: list[str], magics: Magics, pat
     return ""
 
 
+def apply_magic(name: str, args: str, body: list[str], magics: Magics, path: str = "<notebook>") -> None:
+    """Read one %streamfn/%nuclio magic (name, its arguments, a cell magic's lines) into `magics`."""
+    _apply_magic(name, args, body, magics, path)
+
+
 def _apply_magic(name: str, args: str, body: list[str], magics: Magics, path: str) -> None:
     lines = [line.strip() for line in [args, *body] if line.strip() and not line.strip().startswith("#")]
     if name == "env":
@@ -254,8 +259,8 @@ def _check_syntax(code: str, path: str, number: int) -> None:
                         "it '# streamfn: ignore'") from None
 
 
-def load_env_file(path: str, *, base_dir: str | None = None) -> dict[str, str]:
-    """Read KEY=VALUE lines (# comments) into os.environ without overriding what is set."""
+def load_env_file(path: str, *, base_dir: str | None = None, override: bool = False) -> dict[str, str]:
+    """Read KEY=VALUE lines (# comments) into os.environ (keeping what is set, unless override)."""
     full = path if os.path.isabs(path) or base_dir is None else os.path.join(base_dir, path)
     try:
         with open(full, encoding="utf-8") as fh:
@@ -274,5 +279,6 @@ def load_env_file(path: str, *, base_dir: str | None = None) -> dict[str, str]:
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         loaded[key.strip()] = value
-        os.environ.setdefault(key.strip(), os.path.expandvars(value))
+        if override or key.strip() not in os.environ:
+            os.environ[key.strip()] = os.path.expandvars(value)
     return loaded

@@ -159,10 +159,9 @@ class Pipeline:
             if not upstreams:
                 raise GraphError(f"stage {stage_name!r} has no upstream: "
                                  "write @p.stage(source_node, ...)")
-            if state is None:  # a Nuclio-style handler(context, event) runs once per row
-                from streamfn.handler import as_stage
+            from streamfn.handler import as_stage  # a Nuclio-style handler(context, event): once per row
 
-                fn = as_stage(fn, name=stage_name)
+            fn = as_stage(fn, name=stage_name, stateful=state is not None)
             _check_arity(fn, stage_name, 2 if state is not None else 1)
             options = {"state": state, "engine": engine}
             return self._add(Node(self, "stage", stage_name, tuple(upstreams), fn=fn, options=options))

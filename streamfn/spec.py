@@ -91,7 +91,7 @@ def build_spec(pipeline: Pipeline, source_path: str, *, settings: dict[str, str]
         "replicas": _replicas(opts, triggers),
         "checkpoint": {"url": settings.get("checkpoint", pipeline.checkpoint),
                        "intervalSeconds": pipeline.checkpoint_interval_s},
-        "ports": {"metrics": _int(opts, "metrics_port", 9090, minimum=1)},
+        "ports": {"metrics": _int(opts, "metrics_port", 9464, minimum=1)},
     }
     if local:
         spec["localPackages"] = local

@@ -15,10 +15,12 @@ them and state follows its partition through the checkpoint store.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -79,7 +81,8 @@ class Supervisor:
     def _start(self, worker: _Worker) -> None:
         env = {**os.environ, "STREAMFN_WORKER_ID": str(worker.index), "STREAMFN_WORKERS": str(len(self.workers))}
         # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which drains in order
-        worker.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        worker.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
         worker.started, worker.restart_at = time.monotonic(), None
         log.info("worker started", extra={"worker": worker.index, "pid": worker.proc.pid})
 
@@ -158,6 +161,13 @@ class Supervisor:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

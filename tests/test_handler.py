@@ -182,3 +182,20 @@ def test_a_handler_decorated_as_a_stage_runs_per_row_and_stays_callable(run_dir)
     context = Context()
     init_context(context)
     assert handler(context, Event(body={"name": "cy"})) == {"text": "hello cy"}
+
+
+def test_a_stateful_handler_keeps_context_state_per_key(run_dir):
+    p = sf.Pipeline("counts", run_dir=run_dir)
+    clicks = p.source(memory.source([pl.DataFrame({"user": ["a", "b"]}), pl.DataFrame({"user": ["a"]})]))
+
+    @p.stage(clicks, state=sf.table(key="user"))
+    def handler(context, event):
+        user = event.body["user"]
+        seen = context.state.get(user, {"user": user, "n": 0})
+        context.state.put({"user": user, "n": seen["n"] + 1})
+        return {"user": user, "n": seen["n"] + 1}
+
+    out = memory.sink()
+    handler.sink(out)
+    p.run(until_idle=True, handle_signals=False)
+    assert out.frame().to_dicts() == [{"user": "a", "n": 1}, {"user": "b", "n": 1}, {"user": "a", "n": 2}]

@@ -165,6 +165,10 @@ def test_streamfn_run_an_invalid_notebook_fails_in_one_line(tmp_path):
     done = cli("run", str(bad), "--until-idle")
     assert done.returncode != 0
     assert "is not a valid Jupyter notebook" in done.stderr
+    empty = write_notebook(tmp_path / "empty.ipynb", "x = 1", "# streamfn: ignore\np = 'not this'")
+    nothing = cli("run", empty, "--until-idle")
+    assert nothing.returncode != 0
+    assert "defines no streamfn Pipeline" in nothing.stderr
 
 
 @pytest.mark.integration
@@ -179,13 +183,40 @@ def test_a_nuclio_notebook_is_served_over_http(tmp_path):
         with httpx.Client() as client:
             as_json = client.post(base + "/", json={"text": "bonjour"})
             as_text = client.post(base + "/any/path", content=b"salut", headers={"content-type": "text/plain"})
+            binary = client.post(base + "/", content=b"\xff\xfe", headers={"content-type": "application/octet-stream"})
+            malformed = client.post(base + "/", content=b"{oops", headers={"content-type": "application/json"})
         assert as_json.json() == {"lang": "fr", "text": "BONJOUR", "mode": "test", "token": "s3cret"}
         assert as_text.json()["text"] == "SALUT"
+        assert binary.status_code == 500 and binary.json()["error"] == "handler raised UnicodeDecodeError"
+        assert "Traceback" not in binary.text
+        assert malformed.json()["text"] == "{OOPS"  # as Nuclio: undecodable JSON stays bytes
     finally:
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0, stderr
     assert "called" in stderr  # the handler's structured log line
+
+
+@pytest.mark.integration
+def test_the_nlp_notebook_answers_over_http(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "streamfn.cli", "run", str(DATA / "nlp.ipynb"),
+                               "--port", str(port), "--set", "TO_LANG=de"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base, server)
+        answer = httpx.post(base + "/", content=b"I havv a goood day", headers={"content-type": "text/plain"})
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["corrected"] == "I have a good day" and body["polarity"] > 0
+    assert body["lang"] == "de"  # --set wins over the notebook's %nuclio env default
+    logged = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    sentiment = [entry for entry in logged if entry["message"] == "Sentiment"]
+    assert sentiment and float(sentiment[0]["polarity"]) > 0  # info_with fields in the structured log
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -211,3 +242,29 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_load_ext_streamfn_in_a_live_ipython_shell(monkeypatch, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.setenv("MY_TOKEN", "t0k")
+    monkeypatch.delenv("TARGET_LANG", raising=False)
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_line_magic("load_ext", "streamfn")
+        for cell in ("%nuclio env TARGET_LANG=de",
+                     "%%nuclio env\nSECRET=${MY_TOKEN}",
+                     "%%nuclio handler\nname = event.body['name']\nf'{name} in ' + os.environ['TARGET_LANG']",
+                     "%nuclio cmd pip install textblob",
+                     "import os\nanswer = handler(context, Event(body={'name': 'ada'}))\n"
+                     "context.logger.info_with('tested', answer=answer)"):
+            result = shell.run_cell(cell)
+            assert result.success, result.error_in_exec or result.error_before_exec
+        assert shell.user_ns["answer"] == "ada in de"
+        assert os.environ["TARGET_LANG"] == "de" and os.environ["SECRET"] == "t0k"
+        out = capsys.readouterr().out
+        assert "'cmd' is kept for `streamfn export`" in out and "tested  answer=ada in de" in out
+    finally:
+        monkeypatch.delenv("SECRET", raising=False)
+        monkeypatch.delenv("TARGET_LANG", raising=False)
+        InteractiveShell.clear_instance()

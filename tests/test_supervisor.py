@@ -108,3 +108,120 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_drain_timeout(tmp_pat
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+
+
+def test_workers_get_sigterm_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    argv = worker(tmp_path, """
+        signal.signal(signal.SIGTERM, lambda *a: ((OUT / f"drained-{ME}").touch(), sys.exit(0)))
+        (OUT / f"up-{ME}").touch()
+        time.sleep(60)
+    """)
+    code = ("import sys; from streamfn.supervisor import run_workers\n"
+            f"sys.exit(run_workers({argv!r}, 2, poll_s=0.02))\n")
+    sup = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("up-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sup.kill()  # no chance to drain anything itself
+    sup.wait()
+    while len(list(tmp_path.glob("drained-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(p.name for p in tmp_path.glob("drained-*")) == ["drained-0", "drained-1"]
+
+
+# -- `streamfn run --workers N` against a real broker --------------------------------------------------
+JOB = Path(__file__).parent / "data" / "workers_job.py"
+
+
+def _topic(server, n: int, partitions: int = 4) -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = server.topic_name("workers")
+    admin = AdminClient({"bootstrap.servers": server.bootstrap})  # keep it alive until the result is in
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
+    _produce(server, topic, 0, n)
+    return topic
+
+
+def _produce(server, topic: str, start: int, n: int) -> None:
+    import json as _json
+
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": server.bootstrap, "linger.ms": 5})
+    for i in range(start, start + n):
+        producer.produce(topic, _json.dumps({"id": i}).encode(), str(i))
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def _outputs(out: Path):
+    import polars as pl
+
+    files = sorted(out.glob("**/*.jsonl"))
+    return pl.concat([pl.read_ndjson(f) for f in files]) if files else pl.DataFrame({"id": [], "kafka_partition": []})
+
+
+def _cli(server, topic: str, tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "streamfn.cli", "run", str(JOB), "--brokers", server.bootstrap,
+            "--group", f"{topic}-g", "--quiet", "--log-format", "text",
+            "--set", "kafka.session.timeout.ms=1000", "--set", "kafka.heartbeat.interval.ms=200", *extra]
+
+
+def _env(topic: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "TOPIC": topic, "OUT_DIR": str(tmp_path / "out"), "RUN_DIR": str(tmp_path / "run"),
+            **extra}
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def test_workers_split_one_consumer_group(kafka_tansu, tmp_path: Path) -> None:
+    topic = _topic(kafka_tansu, 3000)
+    done = subprocess.run(_cli(kafka_tansu, topic, tmp_path, "--workers", "2", "--until-idle"),
+                          env=_env(topic, tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    per_worker = [_outputs(tmp_path / "out" / w) for w in ("0", "1")]
+    assert sorted(set(per_worker[0]["id"]) | set(per_worker[1]["id"])) == list(range(3000))
+    parts = [set(f["kafka_partition"]) for f in per_worker]
+    assert parts[0] and parts[1] and not parts[0] & parts[1], f"the group did not split: {parts}"
+
+
+def test_a_killed_worker_is_restarted_and_nothing_is_lost(kafka_tansu, tmp_path: Path) -> None:
+    topic = _topic(kafka_tansu, 2000)
+    with open(tmp_path / "supervisor.log", "wb") as err:
+        sup = subprocess.Popen(_cli(kafka_tansu, topic, tmp_path, "--workers", "2"),
+                               env=_env(topic, tmp_path, SLOW_S="0.02"), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(_outputs(tmp_path / "out" / w).height for w in ("0", "1")):
+            time.sleep(0.1)
+        workers = _children(sup.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)  # a hard crash of one worker
+        _produce(kafka_tansu, topic, 2000, 1000)
+        while time.monotonic() < deadline and len(set(_children(sup.pid)) - set(workers)) < 1:
+            time.sleep(0.05)
+        assert set(_children(sup.pid)) - set(workers), "the killed worker was not restarted"
+        seen: set[int] = set()
+        while time.monotonic() < deadline and len(seen) < 3000:
+            seen = set(_outputs(tmp_path / "out")["id"])
+            time.sleep(0.2)
+        sup.send_signal(signal.SIGTERM)  # drain both
+        assert sup.wait(60) == 0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert set(_outputs(tmp_path / "out")["id"]) == set(range(3000))  # at least once, nothing lost

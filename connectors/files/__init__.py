@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
 from streamfn.connectors.files.readers import (CsvPartition, NdjsonPartition, SchemaLock, TablePartition,
-                                      arrow_batches, parquet_batches)
+                                               UnreadableFile, arrow_batches, parquet_batches)
 from streamfn.connectors.files.schema import Schema, normalise
 from streamfn.connectors.files.writers import LaneFileWriter, SharedWriters
 from streamfn.batch import Batch, Position
@@ -119,13 +120,19 @@ class Files(Source, Sink):
         stream = self.fs.open(partition, "rb")
         if self.fmt == "ndjson":
             return NdjsonPartition(stream, self._lock_schema, resume)
-        if self.fmt == "csv":
-            return CsvPartition(stream, self._lock_schema, resume, header=_header(stream, self._separator()),
-                                separator=self._separator(), has_header=self.options.get("has_header", True),
-                                column_names=self.options.get("column_names"))
-        batch_rows = 65_536
-        batches = parquet_batches(stream, batch_rows) if self.fmt == "parquet" else arrow_batches(stream)
-        return TablePartition(batches, stream, self._lock_schema, resume, partition)
+        try:
+            if self.fmt == "csv":
+                return CsvPartition(stream, self._lock_schema, resume, header=_header(stream, self._separator()),
+                                    separator=self._separator(), has_header=self.options.get("has_header", True),
+                                    column_names=self.options.get("column_names"), where=partition)
+            batch_rows = 65_536
+            batches = parquet_batches(stream, batch_rows) if self.fmt == "parquet" else arrow_batches(stream)
+            return TablePartition(batches, stream, self._lock_schema, resume, partition)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+            stream.close()
+            log.warning("unreadable file", extra={"source": self.default_name(), "partition": partition,
+                                                  "error": f"{type(exc).__name__}: {exc}"})
+            return UnreadableFile(partition, exc)
 
     def _separator(self) -> str:
         return str(self.options.get("separator", ","))

@@ -144,8 +144,9 @@ class CsvPartition(SourcePartition):
 
     def __init__(self, stream: IO[bytes], schema: SchemaLock, resume: Position, *,
                  separator: str, has_header: bool, column_names: list[str] | None,
-                 header: list[str]) -> None:
+                 header: list[str], where: str) -> None:
         self._stream = stream
+        self._where = where
         self._schema = schema
         self._row = int(resume or 0)  # data rows consumed, bad ones included
         self._rejects: list[Reject] = []
@@ -174,6 +175,9 @@ class CsvPartition(SourcePartition):
             try:
                 record_batch = self._reader.read_next_batch()
             except StopIteration:
+                raise EndOfInput() from None
+            except (pa.ArrowException, OSError) as exc:  # e.g. an unterminated quote: give up on the rest
+                self._rejects.append(unreadable(self._where, self._row, exc))
                 raise EndOfInput() from None
             text = pl.from_arrow(record_batch)
             assert isinstance(text, pl.DataFrame)
@@ -212,6 +216,7 @@ class TablePartition(SourcePartition):
         self._where = where
         self._row = 0
         self._pending: pl.DataFrame | None = None
+        self._rejects: list[Reject] = []
         skip = int(resume or 0)
         while self._row < skip:
             frame = self._next_frame()
@@ -225,12 +230,19 @@ class TablePartition(SourcePartition):
         if self._pending is not None and self._pending.height:
             frame, self._pending = self._pending, None
             return frame
-        for record_batch in self._batches:
-            if record_batch.num_rows:
-                frame = pl.from_arrow(record_batch)
-                assert isinstance(frame, pl.DataFrame)
-                return frame
+        try:
+            for record_batch in self._batches:
+                if record_batch.num_rows:
+                    frame = pl.from_arrow(record_batch)
+                    assert isinstance(frame, pl.DataFrame)
+                    return frame
+        except (pa.ArrowException, OSError) as exc:  # a corrupt file: the rest of it is one bad record
+            self._rejects.append(unreadable(self._where, self._row, exc))
         return None
+
+    def take_rejects(self) -> list[Reject]:
+        rejects, self._rejects = self._rejects, []
+        return rejects
 
     def next_batch(self, max_rows: int) -> pl.DataFrame | None:
         frame = self._next_frame()
@@ -265,3 +277,25 @@ def arrow_batches(stream: IO[bytes]) -> Any:
     except pa.ArrowInvalid:
         stream.seek(0)
         return iter(ipc.open_stream(stream))
+
+
+def unreadable(where: str, row: int, exc: BaseException) -> Reject:
+    """A reject standing for the unreadable rest of a file (from record `row` on)."""
+    return Reject(row, where, f"unreadable file from record {row} on: {type(exc).__name__}: {exc}")
+
+
+class UnreadableFile(SourcePartition):
+    """A file that could not even be opened as its format: one reject, then the end."""
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        self._rejects = [unreadable(where, 0, exc)]
+
+    def next_batch(self, max_rows: int) -> pl.DataFrame | None:
+        raise EndOfInput()
+
+    def take_rejects(self) -> list[Reject]:
+        rejects, self._rejects = self._rejects, []
+        return rejects
+
+    def position(self) -> Position:
+        return 0

@@ -92,14 +92,14 @@ class RespondSink(Sink):
 
 def respond(node: Node, *, name: str | None = None) -> Node:
     """Answer each request to the HTTP endpoint(s) upstream of `node` with the rows it produced."""
-    sources = {n.name: n.connector for n in _upstream_sources(node) if isinstance(n.connector, HttpSource)}
+    sources: dict[str, HttpSource] = {n.name: n.connector for n in _upstream_sources(node)
+                                       if isinstance(n.connector, HttpSource)}
     if not sources:
         raise GraphError(f"http.respond({node.name!r}): no http.endpoint feeds this node")
     for source_name, source in sources.items():
-        assert isinstance(source, HttpSource)
         source.responds = True
         source.name = source_name
-    return node.sink(RespondSink(sources), name=name or f"{node.name}_respond")  # type: ignore[arg-type]
+    return node.sink(RespondSink(sources), name=name or f"{node.name}_respond")
 
 
 def _upstream_sources(node: Node) -> list[Node]:

@@ -89,6 +89,7 @@ class HttpLane(SourcePartition):
         self._rows = int(resume) if isinstance(resume, (int, str)) and str(resume).isdigit() else 0
         self.accepted = 0
         self.closed = False
+        self.kicking = False  # a wake-up timer is set (read and written on the event loop only)
 
     # -- the event loop's side ----------------------------------------------------------------
     def offer(self, request: Request) -> bool | None:
@@ -106,10 +107,15 @@ class HttpLane(SourcePartition):
         with self._lock:
             self._rejects.append(reject)
 
-    def due(self) -> bool:
-        """Whether requests are waiting that the lane should take now."""
+    def due_in(self) -> float | None:
+        """Seconds until the waiting requests are due (0: now), None when none wait."""
         with self._lock:
-            return bool(self._pending) and self._is_due(time.monotonic())
+            if not self._pending:
+                return None
+            now = time.monotonic()
+            if self._is_due(now):
+                return 0.0
+            return self.source.max_wait_s - (now - self._pending[0].arrived)
 
     def _is_due(self, now: float) -> bool:
         return (now - self._pending[0].arrived >= self.source.max_wait_s
@@ -129,6 +135,9 @@ class HttpLane(SourcePartition):
                     return None
                 taken = self._take(min(max_rows, self.source.max_batch_rows))
             frame = self._frame(taken)
+            if frame is not None and frame.height == 0:  # only empty requests: nothing to run
+                self.source.deliver([(r.waiter, _answer(r)) for r in taken if r.waiter is not None])
+                frame = None
         self._rows += frame.height
         if self.source.responds:
             self._inflight = {r.seq: r for r in taken}
@@ -227,12 +236,20 @@ class HttpLane(SourcePartition):
                     request.failed = request.failed or f"the stage output has no {REQUEST_ID!r} column"
                 continue
             for row in frame.to_dicts():
-                request = inflight.get(row.pop(REQUEST_ID))
-                if request is not None:
-                    request.outputs.append(row)
+                owner = inflight.get(row.pop(REQUEST_ID))
+                if owner is not None:
+                    owner.outputs.append(row)
+
+    def commit(self, position: Position) -> None:
+        # the lane commits only after its batch went through every stage and sink
+        self._answer_inflight()
 
     def close(self) -> None:
-        self._answer_inflight()
+        if self._inflight:  # closed without a commit: the batch failed part way
+            failed = [(r.waiter, error_answer(500, "the pipeline failed while processing this request", r.id))
+                      for r in self._inflight.values() if r.waiter is not None]
+            self._inflight, self._outputs = {}, []
+            self.source.deliver(failed)
         with self._lock:
             self.closed = True
             pending, self._pending = list(self._pending), deque()

@@ -59,7 +59,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, timeout_
                 return
         except OSError:
             time.sleep(0.05)
-    stop_pid(proc.pid)
+    stop_process(proc)
     raise StreamfnError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:g}s")
 
 
@@ -85,6 +85,18 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
         pass
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM a child we started (by its PID), SIGKILL it if it is still there after timeout_s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Broker:
     """A Tansu broker process on 127.0.0.1 (memory storage), stopped by PID."""
 
@@ -105,7 +117,7 @@ class Broker:
 
     def stop(self) -> None:
         """Stop the broker process; safe to call twice."""
-        stop_pid(self.proc.pid)
+        stop_process(self.proc)
         if self._out is not subprocess.DEVNULL:
             self._out.close()  # type: ignore[union-attr]
 

@@ -35,6 +35,24 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 # The embedded broker (Tansu) completes a group join only after session.timeout.ms / 2.
 EMBEDDED_CONSUMER: dict[str, Any] = {"session.timeout.ms": 1_000, "heartbeat.interval.ms": 200}
 
+# librdkafka warns about (and ignores) a property of the other role: a `--set kafka.KEY` meant for
+# one role is not given to the other
+_CONSUMER_ONLY = ("group.", "session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms", "auto.",
+                  "enable.auto.", "enable.partition.eof", "fetch.", "queued.", "max.partition.fetch.bytes",
+                  "isolation.level", "partition.assignment.strategy", "check.crcs", "consume.callback.max.messages",
+                  "offset.store.", "enable.metrics.push")
+_PRODUCER_ONLY = ("acks", "request.required.acks", "linger.ms", "queue.buffering.", "batch.", "enable.idempotence",
+                  "transactional.id", "transaction.timeout.ms", "compression.", "partitioner", "message.timeout.ms",
+                  "delivery.", "retries", "message.send.max.retries", "retry.backoff", "request.timeout.ms",
+                  "sticky.partitioning.linger.ms", "enable.gapless.guarantee", "dr_")
+
+
+def for_role(key: str, role: str) -> bool:
+    """Whether a librdkafka property applies to this role (consumer or producer)."""
+    other = _PRODUCER_ONLY if role == "consumer" else _CONSUMER_ONLY
+    return not any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in other)
+
+
 # streamfn's own keys under the kafka. prefix: not passed to librdkafka
 STREAMFN_KEYS = {"brokers", "group"}
 
@@ -79,8 +97,8 @@ def client_config(role: str, *, brokers: str, embedded: bool, settings: Mapping[
     conf: dict[str, Any] = dict(CONSUMER_DEFAULTS if role == "consumer" else PRODUCER_DEFAULTS)
     if embedded and role == "consumer":
         conf.update(EMBEDDED_CONSUMER)
-    conf.update(settings_config(settings, role))
-    conf.update(given)
+    conf.update({k: v for k, v in settings_config(settings, role).items() if for_role(k, role)})
+    conf.update({k: v for k, v in given.items() if for_role(k, role)})
     conf["bootstrap.servers"] = brokers
     return conf
 

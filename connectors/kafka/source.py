@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -85,6 +86,7 @@ class SourceSide:
         self._assigned_once = False
         self._closing = False
         self._started_at = 0.0
+        self._requests: deque[_Request] = deque()
         self.cooperative = "cooperative" in str(owner.consumer_conf.get("partition.assignment.strategy", ""))
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -138,6 +140,25 @@ class SourceSide:
             log.warning("kafka client error", extra={"error": err.str(), "code": err.name()})
 
     # -- the poller thread --------------------------------------------------------------------
+    def call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
+        """Run fn(consumer) on the poller thread and return its result.
+
+        confluent-kafka serialises calls on one consumer, and a thread looping in consume()
+        starves every other caller: so only the poller thread touches the consumer."""
+        if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
+            return fn(self.consumer)
+        request = _Request(fn)
+        self._requests.append(request)
+        if not request.done.wait(timeout_s):
+            raise StreamfnError(f"the Kafka consumer of {self.owner.describe()} did not answer within {timeout_s:g}s")
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _serve_requests(self) -> None:
+        while self._requests:
+            self._requests.popleft().run(self.consumer)
+
     def _poll_loop(self) -> None:
         consume = self.consumer.consume
         batch = self.owner.consume_batch
@@ -150,9 +171,13 @@ class SourceSide:
                     for partition, run in itertools.groupby(messages, partition_of):
                         self._route(partition, list(run))
                 self._pause_resume()
+                self._serve_requests()
             except BaseException as exc:  # the run must hear of it: lanes and exhausted() re-raise
                 self._fail(exc)
+                while self._requests:
+                    self._requests.popleft().cancel(exc)
                 return
+        self._serve_requests()
 
     def _route(self, partition: int, messages: list[Any]) -> None:
         topic = messages[0].topic()
@@ -164,8 +189,21 @@ class SourceSide:
                     self._on_message_error(error)
             return
         queue.put(messages)
+        if queue.target is None and self.ctx is not None and self.ctx.until_idle:
+            self._set_target(queue)
         if self.ctx is not None:
             self.ctx.wake(self.owner, queue.name)
+
+    def _set_target(self, queue: PartitionQueue) -> None:
+        """Until-idle reads up to the high watermark seen in the first fetch (right on every broker,
+        unlike a ListOffsets query); only the poller thread may call the consumer for it."""
+        tp = kafka().TopicPartition(queue.topic, queue.partition)
+        try:
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+        except kafka().KafkaException:
+            return
+        if high is not None and high >= 0:
+            queue.target = high
 
     def _on_message_error(self, error: Any) -> None:
         if error.fatal() or error.code() in (kafka().KafkaError.UNKNOWN_TOPIC_OR_PART,
@@ -245,13 +283,33 @@ class SourceSide:
             for name in names:
                 if lost and name in self.queues:
                     self.queues[name].lost = True
-            self.ctx.remove_partitions(self.owner, names)  # blocks: lanes flush, commit and close
+            self._remove_serving(names)
         for name in names:
             self.queues.pop(name, None)
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         log.info("kafka partitions revoked", extra={"source": self.owner.describe(), "lost": lost,
                                                     "partitions": ",".join(names) or "none"})
+
+    def _remove_serving(self, names: list[str]) -> None:
+        """Close the lanes of revoked partitions (they commit through this thread meanwhile)."""
+        assert self.ctx is not None
+        errors: list[BaseException] = []
+
+        def remove() -> None:
+            try:
+                self.ctx.remove_partitions(self.owner, names)  # type: ignore[union-attr]
+            except BaseException as exc:
+                errors.append(exc)
+
+        helper = threading.Thread(target=remove, name="kafka-revoke", daemon=True)
+        helper.start()
+        while helper.is_alive():
+            self._serve_requests()
+            helper.join(0.005)
+        self._serve_requests()
+        if errors:
+            raise errors[0]
 
     # -- what the runtime asks -------------------------------------------------------------
     def open(self, partition: str, resume: Position) -> SourcePartition:
@@ -296,13 +354,11 @@ class KafkaPartition(SourcePartition):
                 raise EndOfInput()
             return None
         values = [m.value() for m in messages]
-        if None in values:  # partition EOF events, errors or tombstones: the slow path
+        if None in values or any(map(kafka().Message.error, messages)):  # EOF events, errors, tombstones
             messages, values = self._sort_out(messages, values)
             if not messages:
                 return None
         self._position = messages[-1].offset() + 1
-        if self.queue.target is None and self.side.ctx is not None and self.side.ctx.until_idle:
-            self._set_target()
         self._eof = False
         frame, rejected, rows = self.side.decoder.decode(values)
         for index, reason in rejected:
@@ -317,15 +373,6 @@ class KafkaPartition(SourcePartition):
             return True
         target = self.queue.target
         return target is not None and self._position is not None and self._position >= target
-
-    def _set_target(self) -> None:
-        tp = kafka().TopicPartition(self.queue.topic, self.queue.partition)
-        try:
-            _, high = self.side.consumer.get_watermark_offsets(tp, cached=True)
-        except kafka().KafkaException:
-            return
-        if high is not None and high >= 0:  # from the fetch responses (right on every broker)
-            self.queue.target = high
 
     def _sort_out(self, messages: list[Any], values: list[Any]) -> tuple[list[Any], list[bytes]]:
         kept, kept_values = [], []
@@ -373,7 +420,7 @@ class KafkaPartition(SourcePartition):
             return
         tp = kafka().TopicPartition(self.queue.topic, self.queue.partition, int(position))
         try:
-            self.side.consumer.commit(offsets=[tp], asynchronous=False)
+            self.side.call(lambda consumer: consumer.commit(offsets=[tp], asynchronous=False))
         except kafka().KafkaException as exc:
             error = exc.args[0]
             if error.name() not in _COMMIT_LOST:
@@ -384,6 +431,27 @@ class KafkaPartition(SourcePartition):
 
     def close(self) -> None:
         self._closed = True
+
+
+class _Request:
+    """A call waiting for the poller thread."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, consumer: Any) -> None:
+        try:
+            self.result = self.fn(consumer)
+        except BaseException as exc:
+            self.error = exc
+        self.done.set()
+
+    def cancel(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
 
 
 def _metadata(what: str, messages: list[Any]) -> pl.Series:

@@ -151,7 +151,7 @@ class KafkaTopic(Source, Sink):
     def group_metadata(self) -> Any:
         """The consumer's group metadata (for send_offsets_to_transaction)."""
         assert self._source is not None and self._source.consumer is not None
-        return self._source.consumer.consumer_group_metadata()
+        return self._source.call(lambda consumer: consumer.consumer_group_metadata())
 
     def open(self, partition: str, resume: Position) -> SourcePartition:
         assert self._source is not None

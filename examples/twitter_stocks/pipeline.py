@@ -2,13 +2,15 @@
 
     streamfn run examples/twitter_stocks/pipeline.py
 
-A cron trigger replays three recorded trading days (data/, made by generate_data.py) into two
-Kafka topics, `quotes` and `posts`, at a configurable speed-up. The pipeline reads them back,
-scores each post's sentiment (VADER) and finds the tickers it mentions, aggregates per symbol
-and minute (price: VWAP, volume, change; posts: mean sentiment, count), joins each minute's
-sentiment to its price window, and writes the result to Parquet (by date and symbol) and to
-the Kafka topic `symbol_windows`. `GET /symbols/AAPL` answers the latest joined window of a
-symbol. Bad posts (empty, not UTF-8, not JSON, about no known ticker) go to the dead letters.
+Two cron triggers replay three recorded trading days (data/, made by generate_data.py) slice
+by slice at a configurable speed-up, and publish them to the Kafka topics `quotes` and `posts`,
+where live market-data and social feeds would be. The pipeline scores each post's sentiment
+(VADER) and finds the tickers it mentions, aggregates per symbol and minute (price: VWAP,
+volume, change; posts: mean sentiment, count, bullish/bearish), joins each minute's sentiment
+to its price window, and writes the result to Parquet (by date and symbol) and to the Kafka
+topic `symbol_windows`. `GET /symbols/AAPL` answers the latest joined window of a symbol.
+Bad posts (not UTF-8, not JSON, empty, about no known ticker) go to the dead letters. The run
+ends by itself after the replay and prints a table per symbol.
 
 Settings (environment variables, or `--set KEY=VALUE`):
     REPLAY_SPEEDUP       market seconds replayed per second (default 6000: 3 days in about 12 s)
@@ -16,11 +18,13 @@ Settings (environment variables, or `--set KEY=VALUE`):
     SENTIMENT_THRESHOLD  |sentiment| from which a post counts as bullish/bearish (default 0.05)
     RUN_DIR              checkpoints and dead letters (default .streamfn/twitter_stocks)
     OUTPUT_DIR           the Parquet output (default RUN_DIR/output)
+    SERVE_AFTER_REPLAY   1: keep answering GET /symbols/{symbol} after the replay, until Ctrl-C
     --port               where GET /symbols/{symbol} listens (default 8080)
 
-Without --brokers the run uses an embedded broker, which keeps nothing after the run; the run
-then starts from scratch (its old checkpoints and output are removed). With
-`--brokers HOST:PORT --checkpoint s3://bucket/path` the same file runs against a real cluster.
+Every run replays the data from the start, so it starts without state and rewrites its output.
+Without --brokers the topics live in an embedded broker for the run; with
+`--brokers HOST:PORT --checkpoint s3://bucket/path` the same file runs against a real cluster
+(give each replay a fresh --checkpoint URL, or --reset-state).
 """
 import os
 import shutil
@@ -43,44 +47,15 @@ OUTPUT = os.environ.get("OUTPUT_DIR", os.path.join(RUN_DIR, "output"))
 SPEEDUP = float(os.environ.get("REPLAY_SPEEDUP", "6000"))
 TICK_S = parse_duration_s(os.environ.get("REPLAY_TICK", "0.2s"))
 THRESHOLD = sentiment.threshold_from_env()
-EMBEDDED = not (os.environ.get("kafka.brokers") or os.environ.get("STREAMFN_KAFKA_BROKERS"))
+SERVE_AFTER_REPLAY = os.environ.get("SERVE_AFTER_REPLAY", "") in ("1", "true", "yes")
 QUOTE_PARTITIONS = 4
 
-QUOTE_SCHEMA = {"ts": pl.String, "symbol": pl.String, "price": pl.Float64, "volume": pl.Int64}
 POST_SCHEMA = {"id": pl.Int64, "ts": pl.String, "user": pl.String, "text": pl.String}
 SYMBOLS = sorted(pl.read_csv(DATA / "quotes.csv", columns=["symbol"])["symbol"].unique().to_list())
 
-if EMBEDDED:  # the embedded broker starts empty: so do the checkpoints and the output
-    for stale in (os.path.join(RUN_DIR, "checkpoints"), OUTPUT):
-        shutil.rmtree(stale, ignore_errors=True)
-
-p = sf.Pipeline("twitter_stocks", run_dir=RUN_DIR, checkpoint_interval="2s")
-
-# -- 1. the replay: every tick publishes the next slice of the recorded market to Kafka -------------
-replay = Replay(DATA, speedup=SPEEDUP, tick_s=TICK_S)
-market = p.source(cron.every(TICK_S, replay.next_tick, max_runs=replay.runs, name="replay"))
-
-
-@p.stage(market)
-def quote_messages(df: pl.DataFrame) -> pl.DataFrame:
-    """The slice's quotes: JSON values keyed by symbol."""
-    return df.filter(pl.col("topic") == "quotes")
-
-
-@p.stage(market)
-def post_messages(df: pl.DataFrame) -> pl.DataFrame:
-    """The slice's posts: the raw lines, as they were recorded."""
-    return df.filter(pl.col("topic") == "posts")
-
-
-quote_messages.sink(kafka.topic("quotes", format="raw", key="key", create=True, partitions=QUOTE_PARTITIONS),
-                    name="quotes_topic")
-post_messages.sink(kafka.topic("posts", format="raw", create=True), name="posts_topic")
-
-# -- 2. reading them back: prices per symbol and minute ---------------------------------------------
-quotes_in = p.source(kafka.topic("quotes", schema=QUOTE_SCHEMA, key="symbol", create=True,
-                                 partitions=QUOTE_PARTITIONS), name="quotes_in")
-posts_in = p.source(kafka.topic("posts", schema=POST_SCHEMA, create=True), name="posts_in")
+# a replay starts over every time: state a previous replay checkpointed here would make all of
+# it late, so it goes (the Parquet sinks below replace their output when the run starts)
+shutil.rmtree(os.path.join(RUN_DIR, "checkpoints"), ignore_errors=True)
 
 
 def event_time(column: str = "ts") -> pl.Expr:
@@ -88,10 +63,23 @@ def event_time(column: str = "ts") -> pl.Expr:
     return pl.col(column).str.to_datetime("%Y-%m-%dT%H:%M:%S%.3fZ", time_zone="UTC", time_unit="ms")
 
 
-@p.stage(quotes_in)
+p = sf.Pipeline("twitter_stocks", run_dir=RUN_DIR, checkpoint_interval="2s")
+
+# -- 1. the replay: two cron triggers hand out the recorded market slice by slice --------------------
+replay = Replay(DATA, speedup=SPEEDUP, tick_s=TICK_S)
+quotes_feed = p.source(cron.every(TICK_S, replay.next_quotes, max_runs=replay.quote_ticks, name="quotes_replay"))
+posts_feed = p.source(cron.every(TICK_S, replay.next_posts, max_runs=replay.post_ticks, name="posts_replay"))
+
+# ...and publish it to Kafka, where the market-data and social feeds would be
+quotes_feed.sink(kafka.topic("quotes", key="symbol", create=True, partitions=QUOTE_PARTITIONS), name="quotes_topic")
+posts_feed.sink(kafka.topic("posts", format="raw", create=True), name="posts_topic")
+
+
+# -- 2. prices per symbol and minute ----------------------------------------------------------------
+@p.stage(quotes_feed)
 def quotes(df: pl.DataFrame) -> pl.DataFrame:
-    """Quotes with their event time and price x volume (for the VWAP)."""
-    return df.with_columns(event_time(), pv=pl.col("price") * pl.col("volume"))
+    """Quotes with price x volume (for the VWAP)."""
+    return df.with_columns(pv=pl.col("price") * pl.col("volume"))
 
 
 price_windows = quotes.window(sf.tumbling("1m"), by="symbol", on="ts", name="price_windows", aggs=[
@@ -111,20 +99,36 @@ def prices(df: pl.DataFrame) -> pl.DataFrame:
     ).drop("pv")
 
 
-# -- 3. posts: checked, scored, one row per ticker they mention, then windows ---------------------
+# -- 3. posts: parsed, checked, scored, one row per ticker they mention -----------------------------
 class BadPost(ValueError):
-    """A post that cannot be scored: empty, or about no known ticker."""
+    """A post that cannot be used: not UTF-8, not JSON, empty, or about no known ticker."""
 
 
-@p.stage(posts_in)
-def mentions(df: pl.DataFrame) -> pl.DataFrame:
-    """One row per (post, ticker) with its sentiment; a bad post raises, so it is dead-lettered."""
-    found = df.with_columns(sentiment.tickers(pl.col("text"), SYMBOLS).alias("symbol"))
+@p.stage(posts_feed)
+def posts(df: pl.DataFrame) -> pl.DataFrame:
+    """Raw lines -> posts with the tickers they mention; a bad line raises, so it is dead-lettered."""
+    # a batch with a bad line raises; streamfn then retries it row by row, and each bad row goes
+    # to the dead letters with the reason raised for it (the good rows carry on)
+    try:
+        text = df["value"].cast(pl.String)
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError):
+        raise BadPost("post is not UTF-8 text") from None
+    try:
+        parsed = text.str.json_decode(pl.Struct(POST_SCHEMA)).struct.unnest()
+    except pl.exceptions.ComputeError as exc:
+        raise BadPost(f"post is not JSON: {str(exc).splitlines()[0]}") from None
+    found = parsed.with_columns(sentiment.tickers(pl.col("text"), SYMBOLS).alias("symbol"), event_time())
     bad = found.filter(pl.col("text").is_null() | (pl.col("text").str.strip_chars() == "")
                        | (pl.col("symbol").list.len() == 0))
-    if bad.height:  # streamfn retries the batch row by row: each bad post lands in the dead letters
+    if bad.height:
         raise BadPost(sentiment.problem(bad["text"][0], SYMBOLS))
-    return sentiment.score(found.explode("symbol").with_columns(event_time()), threshold=THRESHOLD)
+    return found
+
+
+@p.stage(posts)
+def mentions(df: pl.DataFrame) -> pl.DataFrame:
+    """One row per (post, ticker), with the post's VADER sentiment."""
+    return sentiment.score(df.explode("symbol"), threshold=THRESHOLD)
 
 
 sentiment_windows = mentions.window(sf.tumbling("1m"), by="symbol", on="ts", name="sentiment_windows", aggs=[
@@ -133,9 +137,17 @@ sentiment_windows = mentions.window(sf.tumbling("1m"), by="symbol", on="ts", nam
 ])
 
 # -- 4. each minute's sentiment next to its price window ------------------------------------------
-price_table = prices.stage(lambda df: df.select("symbol", "window_start", "trades", "volume", "vwap",
-                                                "open", "close", "change_pct"), name="price_table")
+price_table = prices.stage(lambda df: df.select("symbol", "window_start", "window_end", "trades", "volume",
+                                                "vwap", "open", "close", "change_pct"), name="price_table")
 joined = sentiment_windows.join(price_table, on=["symbol", "window_start"], name="joined")
+
+
+@p.stage(price_table)
+def prices_joinable(df: pl.DataFrame) -> None:
+    """Tell the replay which minutes' prices are in the join's table (it holds posts back until then)."""
+    # added after `joined`, so in the quotes lane it runs after the join stored these rows
+    replay.prices_closed_until(int(df["window_end"].max().timestamp() * 1000))  # type: ignore[union-attr]
+    return None
 
 
 @p.stage(joined)
@@ -146,9 +158,58 @@ def symbol_windows(df: pl.DataFrame) -> pl.DataFrame:
                      date=pl.col("window_start").dt.date())
 
 
-# -- 5. outputs ----------------------------------------------------------------------------------
-prices.sink(partitioned_parquet(os.path.join(OUTPUT, "prices"), by=["date", "symbol"]), name="prices_parquet")
-symbol_windows.sink(partitioned_parquet(os.path.join(OUTPUT, "joined"), by=["date", "symbol"]),
+# -- 5. GET /symbols/{symbol}: the latest joined window of a symbol, from the join's state ----------
+class SymbolsEndpoint(http.HttpSource):
+    """The HTTP trigger; it stops taking requests once the replay is over (unless SERVE_AFTER_REPLAY=1)."""
+
+    feeds: tuple[sf.Source, ...] = ()
+
+    def finished_accepting(self) -> bool:
+        replayed = bool(self.feeds) and all(feed.exhausted() for feed in self.feeds)
+        return super().finished_accepting() or (replayed and not SERVE_AFTER_REPLAY)
+
+
+endpoint = SymbolsEndpoint("/symbols/*", port=None, host=None, methods=["GET"], schema=None, events=True,
+                           lanes=1, max_wait_s=0.005, max_batch_rows=1000, max_body_bytes=1 << 16,
+                           max_pending=1000, timeout_s=10.0, max_requests=None)
+endpoint.feeds = (quotes_feed.connector, posts_feed.connector)  # type: ignore[assignment]
+symbol_requests = p.source(endpoint, name="symbol_requests")
+
+
+@p.stage(symbol_requests)
+def wanted(df: pl.DataFrame) -> pl.DataFrame:
+    """The symbol a request asks for (/symbols/aapl -> AAPL); null for any other path."""
+    return df.with_columns(symbol=pl.col("path").str.extract(r"^/symbols/([A-Za-z0-9.\-]{1,12})/?$")
+                           .str.to_uppercase())
+
+
+latest = wanted.join(symbol_windows, on="symbol", name="latest_window")
+ANSWER = ["symbol", "window_start", "window_end", "posts", "sentiment", "bullish", "bearish",
+          "trades", "volume", "vwap", "open", "close", "change_pct"]
+
+
+@p.stage(latest)
+def answer(df: pl.DataFrame) -> pl.DataFrame:
+    """200 with the window as JSON, or 404 when the symbol has no joined window (yet)."""
+    if "window_start" not in df.columns:  # nothing joined yet: the join's table is still empty
+        df = df.with_columns(pl.lit(None).alias(column) for column in ANSWER if column not in df.columns)
+    found = pl.col("window_start").is_not_null()
+    missing = pl.concat_str([pl.lit('{"error": "no joined window for '),
+                             pl.col("symbol").fill_null("that path"), pl.lit(' yet"}')])
+    return df.with_columns(
+        _http_status=pl.when(found).then(200).otherwise(404),
+        _http_body=pl.when(found).then(pl.struct(ANSWER).struct.json_encode()).otherwise(missing).cast(pl.Binary),
+        _http_content_type=pl.lit("application/json"),
+        _http_headers=pl.lit(None, pl.String),
+    )
+
+
+http.respond(answer)
+
+# -- 6. outputs ----------------------------------------------------------------------------------
+prices.sink(partitioned_parquet(os.path.join(OUTPUT, "prices"), by=["date", "symbol"], replace=True),
+            name="prices_parquet")
+symbol_windows.sink(partitioned_parquet(os.path.join(OUTPUT, "joined"), by=["date", "symbol"], replace=True),
                     name="joined_parquet")
 symbol_windows.sink(kafka.topic("symbol_windows", key="symbol", create=True), name="symbol_windows_topic")
 p.sink(summary_table(title=f"twitter_stocks: per symbol (sentiment threshold {THRESHOLD:g})", footer=[

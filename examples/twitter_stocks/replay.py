@@ -1,76 +1,101 @@
-"""Replaying the recorded market: each call hands out the next slice of quotes and posts.
+"""Replaying the recorded market: two feeds, quotes and posts, handed out slice by slice.
 
 Trading time is replayed without the nights: the three 6.5-hour sessions become one 19.5-hour
-timeline, cut into slices of `speedup * tick_s` market seconds, one per tick of the cron
-trigger. Every slice becomes Kafka messages (a `topic`, a `key` and a `value` column): quotes
-as JSON objects keyed by symbol, posts as the file's raw lines, bad bytes and all, so the
-pipeline's own parsing meets them. Posts are handed out two ticks after the quotes of the same
-market time, so that a minute's price window is usually closed (and in the join's table) by
-the time its sentiment window is; see README.md, "the join".
+timeline, cut into slices of `speedup * tick_s` market seconds, one per tick of a cron trigger.
+`next_quotes()` gives the quotes of the next slice (typed rows), `next_posts()` the posts of
+the next slice as the file's raw lines, bad bytes and all, so the pipeline's parsing meets them.
+
+The two feeds are kept in step so that the join of each minute's sentiment to its price window
+is exact: posts of a slice are handed out only once the price windows up to their last minute
+are closed (the pipeline reports them with `prices_closed_until`). Posts run two ticks behind the
+quotes, so in a healthy run they never wait; `wait_s` bounds the wait if the price side stalls.
 """
 from __future__ import annotations
 
-import math
+import logging
 import re
+import threading
 from pathlib import Path
 
 import polars as pl
 
+log = logging.getLogger("streamfn.example.replay")
+
 POSTS_LAG_TICKS = 2
+SESSION_S = 23_400  # 09:30-16:00
 _TS = re.compile(rb'"ts":\s*"([^"]+)"')
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
-MESSAGE_SCHEMA = {"topic": pl.String, "key": pl.String, "value": pl.Binary}
 
 
-def _trading_seconds(ts: pl.Expr, first_day: pl.Expr) -> pl.Expr:
-    """Seconds of trading time since the first session opened (nights and weekends left out)."""
-    day = (ts.dt.date() - first_day).dt.total_days()
+def _parse_ts(column: str = "ts") -> pl.Expr:
+    return pl.col(column).str.to_datetime(_TS_FORMAT, time_zone="UTC", time_unit="ms")
+
+
+def _slice_of(ts: pl.Expr, first_day: object, step_s: float) -> pl.Expr:
+    """The slice a time falls in: trading seconds since the first open (nights left out) / step."""
+    day = (ts.dt.date() - pl.lit(first_day)).dt.total_days()
     since_open = (ts - ts.dt.truncate("1d").dt.offset_by("14h30m")).dt.total_milliseconds() / 1000
-    return day * 23_400 + since_open  # 23,400 s = one 6.5-hour session
+    return ((day * SESSION_S + since_open) // step_s).cast(pl.Int64)
 
 
 class Replay:
-    """The recorded quotes and posts as slices; `next_tick()` returns the next one as messages."""
+    """The recorded quotes and posts as slices, one per call of `next_quotes`/`next_posts`."""
 
-    def __init__(self, data: Path, *, speedup: float, tick_s: float) -> None:
+    def __init__(self, data: Path, *, speedup: float, tick_s: float, wait_s: float = 10.0) -> None:
         if speedup <= 0 or tick_s <= 0:
             raise ValueError(f"the replay needs speedup > 0 and tick > 0, got {speedup} and {tick_s}")
         self.step_s = speedup * tick_s
-        quotes = pl.read_csv(data / "quotes.csv", schema_overrides={"symbol": pl.String, "ts": pl.String})
+        self.wait_s = wait_s
+        quotes = pl.read_csv(data / "quotes.csv", schema_overrides={"symbol": pl.String, "ts": pl.String}) \
+            .with_columns(_parse_ts())
         lines = (data / "posts.jsonl").read_bytes().split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
         # a post's time comes from its own bytes, so lines that are not UTF-8 or not JSON keep their place
         stamps = [m.group(1).decode("ascii", "replace") if (m := _TS.search(line)) else None for line in lines]
         posts = pl.DataFrame({"value": pl.Series(lines, dtype=pl.Binary), "ts": stamps}) \
-            .with_columns(pl.col("ts").forward_fill().backward_fill())
-        first_day = pl.lit(quotes["ts"].str.to_datetime(_TS_FORMAT, time_zone="UTC").min()).dt.date()
-        tick = lambda frame: frame.with_columns(  # noqa: E731 - one expression, used twice
-            (_trading_seconds(pl.col("ts").str.to_datetime(_TS_FORMAT, time_zone="UTC"), first_day)
-             // self.step_s).cast(pl.Int64).alias("__tick"))
-        self.quotes = tick(quotes).select(
-            "__tick", pl.lit("quotes").alias("topic"), pl.col("symbol").alias("key"),
-            pl.struct("ts", "symbol", "price", "volume").struct.json_encode().cast(pl.Binary).alias("value"))
-        self.posts = tick(posts).select(
-            (pl.col("__tick") + POSTS_LAG_TICKS).alias("__tick"), pl.lit("posts").alias("topic"),
-            pl.lit(None, pl.String).alias("key"), "value")
-        last = max(int(self.quotes["__tick"].max() or 0), int(self.posts["__tick"].max() or 0))
-        self.runs = last + 1
-        self.tick = 0
+            .with_columns(pl.col("ts").forward_fill().backward_fill()).with_columns(_parse_ts())
+        first_day = quotes["ts"].min().date()  # type: ignore[union-attr]
+        self.quotes = quotes.with_columns(_slice_of(pl.col("ts"), first_day, self.step_s).alias("__slice"))
+        self.posts = posts.with_columns(_slice_of(pl.col("ts"), first_day, self.step_s).alias("__slice"))
+        slices = int(max(self.quotes["__slice"].max(), self.posts["__slice"].max())) + 1  # type: ignore[arg-type]
+        self.quote_ticks = slices
+        self.post_ticks = slices + POSTS_LAG_TICKS
+        self._quote_tick = 0
+        self._post_tick = 0
+        self._closed_until_ms = -1
+        self._cond = threading.Condition()
 
-    def next_tick(self) -> pl.DataFrame:
-        """The messages of the next tick (quotes of this slice, posts of an earlier one)."""
-        tick, self.tick = self.tick, self.tick + 1
-        out = pl.concat([self.quotes.filter(pl.col("__tick") == tick),
-                         self.posts.filter(pl.col("__tick") == tick)]).drop("__tick")
-        return out.cast(MESSAGE_SCHEMA)  # type: ignore[arg-type]
+    # -- the two feeds (each called by its own cron trigger) ------------------------------------
+    def next_quotes(self) -> pl.DataFrame | None:
+        """The quotes of the next slice: ts, symbol, price, volume."""
+        tick, self._quote_tick = self._quote_tick, self._quote_tick + 1
+        rows = self.quotes.filter(pl.col("__slice") == tick).drop("__slice")
+        return rows if rows.height else None
+
+    def next_posts(self) -> pl.DataFrame | None:
+        """The raw post lines of the slice two ticks back, once its minutes' prices are closed."""
+        tick, self._post_tick = self._post_tick, self._post_tick + 1
+        rows = self.posts.filter(pl.col("__slice") == tick - POSTS_LAG_TICKS)
+        if rows.height == 0:
+            return None
+        # the latest minute these posts can close; its price window must be in the join's table first
+        needed = int(rows["ts"].max().timestamp() * 1000) // 60_000 * 60_000  # type: ignore[union-attr]
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._closed_until_ms >= needed, timeout=self.wait_s):
+                log.warning("the price side is behind; replaying posts without waiting for it", extra={
+                    "needed_ms": needed, "closed_until_ms": self._closed_until_ms})
+        return rows.select("value")
+
+    # -- what the pipeline reports back --------------------------------------------------------
+    def prices_closed_until(self, window_end_ms: int) -> None:
+        """Price windows ending at or before this time (epoch ms) are closed and joinable."""
+        with self._cond:
+            if window_end_ms > self._closed_until_ms:
+                self._closed_until_ms = window_end_ms
+                self._cond.notify_all()
 
     def describe(self) -> str:
         """One line for the log: how much is replayed, in how many ticks."""
-        return (f"{self.quotes.height:,} quotes and {self.posts.height:,} posts in {self.runs} ticks of "
-                f"{self.step_s:g} market seconds")
-
-
-def ticks_for(speedup: float, tick_s: float, trading_s: float = 3 * 23_400) -> int:
-    """How many ticks a replay of `trading_s` market seconds takes (for docs and tests)."""
-    return math.ceil(trading_s / (speedup * tick_s)) + POSTS_LAG_TICKS
+        return (f"{self.quotes.height:,} quotes and {self.posts.height:,} posts in {self.quote_ticks} slices "
+                f"of {self.step_s:g} market seconds")

@@ -57,10 +57,10 @@ class _LanePartitions(Sink):
 class PartitionedParquet(Sink):
     """Parquet files under `url`, in one folder per value of the `by` columns."""
 
-    def __init__(self, url: str, by: Sequence[str]) -> None:
+    def __init__(self, url: str, by: Sequence[str], *, replace: bool = False) -> None:
         if not by:
             raise ConfigError("partitioned_parquet needs at least one column in by=")
-        self.url, self.by = url, list(by)
+        self.url, self.by, self.replace = url, list(by), replace
         self.fs, self.path = fsspec.core.url_to_fs(url)
         self._tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self._lock = threading.Lock()
@@ -71,6 +71,11 @@ class PartitionedParquet(Sink):
 
     def describe(self) -> str:
         return f"partitioned_parquet({self.url}, by={self.by})"
+
+    def start(self, ctx: object) -> None:
+        """With replace=True, remove what an earlier run wrote (a replay rewrites all of it)."""
+        if self.replace and self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
 
     def writer(self, folder: str, lane: str) -> LaneFileWriter:
         """A file writer of one lane in one partition folder."""
@@ -99,9 +104,9 @@ class PartitionedParquet(Sink):
                 self._shared.close()
 
 
-def partitioned_parquet(url: str, *, by: Sequence[str]) -> PartitionedParquet:
-    """A Parquet sink writing Hive-partitioned folders (`key=value/...`) under url."""
-    return PartitionedParquet(url, by)
+def partitioned_parquet(url: str, *, by: Sequence[str], replace: bool = False) -> PartitionedParquet:
+    """A Parquet sink writing Hive-partitioned folders (`key=value/...`) under url (emptied first if replace)."""
+    return PartitionedParquet(url, by, replace=replace)
 
 
 class SummaryTable(Sink):
@@ -116,6 +121,7 @@ class SummaryTable(Sink):
         self._lock = threading.Lock()
         self._prices = pl.DataFrame()
         self._sentiment = pl.DataFrame()
+        self._windows = self._with_price = 0
 
     def default_name(self) -> str:
         return "summary"
@@ -127,6 +133,9 @@ class SummaryTable(Sink):
         frame = batch.frame
         with self._lock:
             if "posts" in frame.columns:
+                self._windows += frame.height
+                if "vwap" in frame.columns:
+                    self._with_price += frame.height - frame["vwap"].null_count()
                 part = frame.group_by("symbol").agg(
                     posts=pl.col("posts").sum(), weighted=(pl.col("sentiment") * pl.col("posts")).sum())
                 self._sentiment = pl.concat([self._sentiment, part]).group_by("symbol").agg(pl.all().sum())
@@ -161,6 +170,8 @@ class SummaryTable(Sink):
         with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
                        tbl_formatting="ASCII_MARKDOWN"):
             print(f"\n{self.title}\n{self.table()}", file=out)
+        print(f"{self._windows:,} sentiment windows, {self._with_price:,} of them joined to a price window "
+              "(the others: minutes with posts but no trade)", file=out)
         for line in self.footer:
             print(line, file=out)
         out.flush()

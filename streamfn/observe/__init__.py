@@ -62,6 +62,10 @@ class Observation:
             self.scrape_reader = metrics.scrape_reader()
             readers.append(self.scrape_reader)
         self.meter_provider = metrics.meter_provider(pipeline.name, readers) if readers else None
+        self.instruments: Any = None
+        if self.meter_provider is not None:  # once per provider; each run's observer answers the callbacks
+            self.instruments = metrics.Instruments(self.meter_provider)
+            self.instruments.observables({name: self._reader(name) for name in metrics.OBSERVABLES})
         if serve or (progress and not quiet):
             from streamfn.observe.monitor import Monitor
 
@@ -77,6 +81,12 @@ class Observation:
             assert self.monitor is not None
             self.progress = Progress(self.monitor, stream=stream)
 
+    def _reader(self, name: str) -> Any:
+        def read(options: Any) -> list[Any]:
+            observables = getattr(self.observer, "observables", None)
+            return observables[name](options) if observables else []
+        return read
+
     @property
     def url(self) -> str | None:
         """The base URL of /status, /metrics and the dashboard, when served."""
@@ -88,7 +98,7 @@ class Observation:
             from streamfn.observe.telemetry import TelemetryObserver
 
             observer: Observer = TelemetryObserver(runtime, tracer_provider=self.tracer_provider,
-                                                   meter_provider=self.meter_provider)
+                                                   instruments=self.instruments)
         else:
             observer = Observer(runtime)
         observer.observation = self

@@ -19,6 +19,9 @@ log = logging.getLogger("streamfn.observe")
 #: batch latency buckets, seconds: a batch takes from well under a millisecond to seconds
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS_BYTES = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9)
+#: the counters and gauges read on collection (see Instruments.observables)
+OBSERVABLES = ("streamfn.records.in", "streamfn.records.out", "streamfn.records.errors", "streamfn.dead_letters",
+               "streamfn.consumer.lag", "streamfn.watermark.delay", "streamfn.state.keys", "streamfn.lanes.open")
 
 
 def metrics_wanted() -> bool:

@@ -33,7 +33,9 @@ def render_lines(status: dict[str, Any], *, width: int = 100) -> list[str]:
     checkpoint = status.get("last_checkpoint")
     head = (f"{status.get('pipeline')}  {status.get('state')}  health={status.get('health')}  "
             f"up {status.get('uptime_s', 0):.0f}s  lanes {status.get('lanes_open', 0)}  "
-            f"dead letters {status.get('dead_letters', 0):,}  last checkpoint "
+            f"dead letters {status.get('dead_letters', 0):,}  "
+            + (f"lag {_count(status['lag_total'])}  " if status.get("lag_total") is not None else "")
+            + "last checkpoint "
             + (f"{_age(checkpoint['age_s'])} ({checkpoint['id']})" if checkpoint else "never"))
     lines = [head[:width]]
     if status.get("error"):
@@ -133,7 +135,7 @@ class Progress:
             inner = getattr(handler, "stream", None)
             if isinstance(handler, logging.StreamHandler) and inner is not None and _is_tty(inner):
                 self._swapped.append((handler, inner))
-                handler.setStream(_Above(self._terminal, inner, self))  # type: ignore[arg-type]
+                handler.setStream(_Above(self._terminal, inner, self))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -172,6 +174,7 @@ def _terminal_width(stream: Any) -> int:
     import os
 
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
         return 120
+    return columns if columns >= 40 else 120  # a pseudo-terminal may say 0

@@ -105,7 +105,9 @@ class StatusServer:
                               "pick another --metrics-port") from exc
         self._server.observation = observation
         self.host, self.port = host, self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="streamfn-status", daemon=True)
+        # a short poll interval: close() waits for the serving loop to notice, and the run's end waits on close()
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="streamfn-status", daemon=True)
         self._thread.start()
         log.info("serving status and metrics", extra={"pipeline": observation.pipeline.name, "url": self.url})
 

@@ -1,6 +1,7 @@
 """The observer that records OpenTelemetry spans and metric points for every batch."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,10 @@ class TelemetryObserver(Observer):
 
     telemetry = True
 
-    def __init__(self, runtime: "Runtime", *, tracer_provider: Any, meter_provider: Any) -> None:
+    def __init__(self, runtime: "Runtime", *, tracer_provider: Any, meter_provider: Any = None,
+                 instruments: Instruments | None = None) -> None:
+        """Record to these providers; `instruments` already registered (an Observation's, which
+        reads `observables` of whichever run is current) take the place of `meter_provider`."""
         super().__init__(runtime)
         self._local = threading.local()
         self._node_attrs: dict[str, dict[str, str]] = {}
@@ -40,19 +44,20 @@ class TelemetryObserver(Observer):
             self._trace = import_optional("opentelemetry.trace", extra="otel")
             self._context = import_optional("opentelemetry.context", extra="otel")
             self.tracer = tracer_provider.get_tracer("streamfn")
-        self.instruments: Instruments | None = None
-        if meter_provider is not None:
+        self.observables: dict[str, Any] = {
+            "streamfn.records.in": self._observe_records_in,
+            "streamfn.records.out": self._observe_records_out,
+            "streamfn.records.errors": self._observe_errors,
+            "streamfn.dead_letters": self._observe_dead_letters,
+            "streamfn.consumer.lag": self._observe_lag,
+            "streamfn.watermark.delay": self._observe_watermark_delay,
+            "streamfn.state.keys": self._observe_state_keys,
+            "streamfn.lanes.open": self._observe_lanes,
+        }
+        self.instruments = instruments
+        if instruments is None and meter_provider is not None:
             self.instruments = Instruments(meter_provider)
-            self.instruments.observables({
-                "streamfn.records.in": self._observe_records_in,
-                "streamfn.records.out": self._observe_records_out,
-                "streamfn.records.errors": self._observe_errors,
-                "streamfn.dead_letters": self._observe_dead_letters,
-                "streamfn.consumer.lag": self._observe_lag,
-                "streamfn.watermark.delay": self._observe_watermark_delay,
-                "streamfn.state.keys": self._observe_state_keys,
-                "streamfn.lanes.open": self._observe_lanes,
-            })
+            self.instruments.observables(self.observables)
         self._base = {"pipeline": self.pipeline}
 
     def run_started(self) -> None:
@@ -89,8 +94,8 @@ class TelemetryObserver(Observer):
             return None
         parents = tracing.take_batch_contexts()
         links = [self._trace.Link(self._trace.get_current_span(c).get_span_context()) for c in parents or ()]
-        span = self.tracer.start_span(
-            f"batch {lane.source.name}", context=parents[0] if parents else None, links=links,
+        span = self.tracer.start_span(  # a root unless a source handed over a context: never a leftover
+            f"batch {lane.source.name}", context=parents[0] if parents else self._context.Context(), links=links,
             kind=self._trace.SpanKind.CONSUMER, attributes=self._batch_attrs(lane, batch, rejects))
         token = self._context.attach(self._trace.set_span_in_context(span))
         scope = _BatchScope(span, token)
@@ -112,14 +117,21 @@ class TelemetryObserver(Observer):
         if scope is None:
             return
         self._local.scope = None
-        if scope.stage_span is not None:  # the plan raised inside a stage
-            scope.stage_span.set_status(self._trace.Status(self._trace.StatusCode.ERROR))
+        failed = sys.exc_info()[1]  # called from the lane's `finally`: the plan's error, if it raised
+        if failed is not None:
+            error = self._trace.Status(self._trace.StatusCode.ERROR, f"{type(failed).__name__}: {failed}")
+            for span in (scope.stage_span, scope.span):
+                if span is not None:
+                    span.record_exception(failed)
+                    span.set_status(error)
+        if scope.stage_span is not None:  # the plan raised inside this stage
             scope.stage_span.end()
         self._context.detach(scope.token)
         scope.span.end()
 
     def stage_begin(self, lane: "Lane", node: "Node", batch: "Batch") -> Any:
-        if self.tracer is None:
+        scope = getattr(self._local, "scope", None)
+        if self.tracer is None or scope is None:  # no batch: the end-of-input flush is not traced
             return None
         attrs: dict[str, Any] = {
             "streamfn.pipeline": self.pipeline, "streamfn.stage": node.name, "streamfn.kind": node.kind,
@@ -132,9 +144,7 @@ class TelemetryObserver(Observer):
                 attrs[f"streamfn.offset.{key}"] = value
         span = self.tracer.start_span(f"{node.kind} {node.name}", attributes=attrs)
         token = self._context.attach(self._trace.set_span_in_context(span))
-        scope = getattr(self._local, "scope", None)
-        if scope is not None:
-            scope.stage_span = span
+        scope.stage_span = span
         return (span, token)
 
     def stage_end(self, scope: Any, lane: "Lane", node: "Node", rows_in: int, rows_out: int,

@@ -74,7 +74,8 @@ def inject_headers(headers: Carrier | None = None, *, context: Any = None) -> An
     """Add the current trace context (W3C `traceparent`, `tracestate`) to message headers.
 
     A list of (key, bytes) pairs (Kafka) gets pairs appended; a dict (HTTP) gets str values;
-    None gives a new list. Returns the same object; unchanged when no span is current.
+    None gives a new list. Returns the same object; unchanged when no streamfn run is traced
+    (and `context` is not given) or no span is current.
     """
     carrier: Any = [] if headers is None else headers
     propagate = _propagate() if tracing_active() or context is not None else None
@@ -115,7 +116,7 @@ def take_batch_contexts() -> list[Any] | None:
     """The contexts a source set for the batch just read on this thread (and forget them)."""
     found = getattr(_pending, "contexts", None)
     _pending.contexts = None
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 # -- providers ------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_unreachable_store_fails_clearly_after_bounded_retries(run_dir):
 
     sink = delta.table("s3://nowhere/t", retries=1, retry_backoff_s=0.05,
                        storage_options={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ALLOW_HTTP": "true",
-                                        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+                                        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                                        "max_retries": "1", "retry_timeout": "2s"})
     with pytest.raises(TargetUnavailable, match="failed after 2 attempts"):
         write("down", run_dir, pl.DataFrame({"x": [1]}), sink)
 

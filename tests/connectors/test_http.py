@@ -5,6 +5,8 @@ import asyncio
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,9 +15,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import streamfn as sf
 from streamfn.connectors import http, memory
+from streamfn.connectors.http import codec
 from streamfn.errors import ConfigError, GraphError
 from tests.helpers import read_dead_letters
 from tests.servers.http import serving
@@ -82,8 +87,9 @@ def test_arrow_ipc_round_trip(run_dir):
     assert answer.to_pydict() == {"x": [5, 6], "y": [10, 12]}
 
 
-def test_concurrent_requests_share_one_stage_call(run_dir):
-    p, batch_sizes = scoring_pipeline(run_dir, max_wait="300ms")
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_concurrent_requests_share_one_stage_call(run_dir, lanes):
+    p, batch_sizes = scoring_pipeline(run_dir, max_wait="300ms", lanes=lanes)
 
     async def send_all(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient() as client:
@@ -300,3 +306,80 @@ def test_full_queue_gets_503_and_unprocessed_accepted_requests_are_dead_letters(
     assert sorted(d["offset"] for d in letters) == sorted(r.json()["id"] for r in accepted)
     assert all("stopped before this accepted request was processed" in d["error"] for d in letters)
     assert sorted(json.loads(d["payload"])["n"] for d in letters) == [0, 1]
+
+
+def test_streamfn_invoke_prints_the_answer(run_dir):
+    p, _ = scoring_pipeline(run_dir)
+    with serving(p) as run:
+        done = subprocess.run([sys.executable, "-m", "streamfn.cli", "invoke", run.url("requests"),
+                               "--data", '{"x": 21}'], capture_output=True, text=True, timeout=60)
+        bad = subprocess.run([sys.executable, "-m", "streamfn.cli", "invoke", run.url("requests"),
+                              "--data", "{oops"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"x": 21, "y": 42}
+    assert bad.returncode == 1 and "malformed JSON" in bad.stdout
+
+
+def test_a_stage_that_breaks_the_run_answers_500_not_an_empty_success(run_dir):
+    p = sf.Pipeline("broken", run_dir=run_dir)
+    requests = p.source(http.endpoint("/", port=0), name="requests")
+    http.respond(requests.stage(lambda df: 42, name="wrong_type"))  # not a DataFrame: fatal
+    with serving(p) as run, httpx.Client() as client:
+        reply = client.post(run.url("requests"), json={"x": 1})
+        run.thread.join(20)
+    assert reply.status_code == 500
+    assert reply.json()["error"] == "the pipeline failed while processing this request"
+    assert isinstance(run.error, sf.StageError)
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=st.lists(st.lists(st.integers(-5, 5), max_size=4), min_size=1, max_size=12),
+       cuts=st.lists(st.integers(1, 12), max_size=6))
+def test_answers_do_not_depend_on_how_requests_are_batched(requests, cuts):
+    """Every request gets exactly its own rows back, however requests share micro-batches."""
+    source = http.endpoint("/", max_wait=0)
+    source.responds = True
+    lane = source.open("0", None)
+    answers: dict[str, tuple[int, bytes]] = {}
+    source.deliver = lambda pairs: answers.update({w: (a[0], a[1]) for w, a in pairs})  # no event loop here
+
+    def stage(df: pl.DataFrame) -> pl.DataFrame:  # drops odd x, doubles the rest, reorders rows
+        return df.filter(pl.col("x") % 2 == 0).with_columns(y=pl.col("x") * 2).sort("x", descending=True)
+
+    sent = []
+    for seq, xs in enumerate(requests):
+        body = json.dumps([{"x": x} for x in xs]).encode()
+        request = http.lane.Request(seq, f"r{seq}", "json", False, None, codec.decode_rows(body), 0.0,
+                                    waiter=f"r{seq}")
+        lane.offer(request)
+        sent.append(request)
+        if seq + 1 in cuts or seq == len(requests) - 1:
+            frame = lane.next_batch(1000)
+            if frame is not None:
+                out = stage(frame)
+                if out.height:
+                    lane.collect(out)
+            lane.commit(lane.position())
+    for seq, xs in enumerate(requests):
+        expected = sorted(({"x": x, "y": 2 * x} for x in xs if x % 2 == 0), key=lambda r: -r["x"])
+        status, body = answers[f"r{seq}"]
+        assert status == 200 and json.loads(body) == expected
+
+
+@pytest.mark.parametrize("content_type,kind", [
+    (None, "json"), ("application/json; charset=utf-8", "json"), ("application/vnd.api+json", "json"),
+    ("Application/X-NDJSON", "ndjson"), ("text/csv", "csv"), ("application/vnd.apache.arrow.file", "arrow"),
+])
+def test_content_types_name_body_kinds(content_type, kind):
+    assert codec.body_kind(content_type) == kind
+
+
+def test_arrow_file_format_and_bad_arrow():
+    sink = io.BytesIO()
+    table = pa.table({"a": [1, 2]})
+    with ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert codec.decode_frame(sink.getvalue(), codec.ARROW).to_dicts() == [{"a": 1}, {"a": 2}]
+    with pytest.raises(codec.BodyError, match="malformed arrow body") as info:
+        codec.decode_frame(b"not arrow", codec.ARROW)
+    assert info.value.status == 400

@@ -174,3 +174,13 @@ def test_console_metrics_exporter_from_the_environment(run_dir, monkeypatch, cap
     _failing_pipeline(run_dir).run(until_idle=True)
     out = capfd.readouterr().out
     assert '"name": "streamfn.records.in"' in out
+
+
+def test_one_observation_over_two_runs_reports_the_current_run(run_dir, metric_reader):
+    p = sf.Pipeline("twice", run_dir=run_dir)
+    p.source(memory.source(pl.DataFrame({"x": range(30)}), name="nums")).sink(memory.sink(name="out"))
+    with observe.start(p, metric_readers=[metric_reader]):
+        p.run(until_idle=True)
+        assert value(points(metric_reader), "streamfn.records.out", stage="out").value == 30
+        second = p.run(until_idle=True)  # value() checks there is one series, the second run's
+        assert value(points(metric_reader), "streamfn.records.out", stage="out").value == second.rows_out("out")

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import polars as pl
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.trace import SpanKind
 
@@ -46,7 +47,7 @@ def test_a_span_per_batch_per_stage_with_its_attributes(run_dir, span_exporter):
         p.run(until_idle=True)
     spans = exporter.get_finished_spans()
     batches = [s for s in spans if s.name == "batch nums"]
-    stages = [s for s in spans if s.name == "stage keep_even" and s.attributes["streamfn.rows.in"] > 0]
+    stages = [s for s in spans if s.name == "stage keep_even"]  # none for the end-of-input flush
     sinks = [s for s in spans if s.name == "sink out"]
     assert len(batches) == 3 and len(stages) == 3 and len(sinks) == 3
     by_id = {s.context.span_id: s for s in batches}
@@ -218,3 +219,74 @@ def test_a_run_without_telemetry_does_not_import_opentelemetry(run_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_stage_that_breaks_the_run_leaves_error_spans(run_dir, span_exporter):
+    from opentelemetry.trace import StatusCode
+
+    provider, exporter = span_exporter
+    p = sf.Pipeline("breaks", run_dir=run_dir)
+    src = p.source(memory.source(pl.DataFrame({"x": [1, 2, 3]}), name="nums"))
+    p.stage(src, name="wrong")(lambda df: "not a frame").sink(memory.sink())
+    with observe.start(p, tracer_provider=provider):
+        try:
+            p.run(until_idle=True, handle_signals=False)
+        except sf.StreamfnError:
+            pass
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    for name in ("batch nums", "stage wrong"):
+        assert spans[name].status.status_code == StatusCode.ERROR
+        assert "returned str" in spans[name].status.description
+        assert spans[name].events[0].name == "exception"
+    assert spans["stage wrong"].parent.span_id == spans["batch nums"].context.span_id
+
+
+class _KafkaSink(Sink):
+    """Produces each row to a real broker with the trace context in the message headers."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from confluent_kafka import Producer
+
+        self.topic = topic
+        self.producer = Producer({"bootstrap.servers": bootstrap})
+
+    def default_name(self) -> str:
+        return "kafka_out"
+
+    def write(self, batch: Batch) -> None:
+        headers = inject_headers([("source", batch.source.encode())])  # once per batch, on every message
+        for n in batch.frame["n"].to_list():
+            self.producer.produce(self.topic, value=str(n).encode(), headers=headers)
+
+    def flush(self, checkpoint_id: str) -> None:
+        assert self.producer.flush(10) == 0
+
+
+@pytest.mark.integration
+def test_trace_context_crosses_a_real_kafka_broker(run_dir, span_exporter, kafka_tansu):
+    from confluent_kafka import Consumer
+    from opentelemetry.trace import get_current_span
+
+    provider, exporter = span_exporter
+    topic = kafka_tansu.topic_name("traced")
+    p = sf.Pipeline("to_kafka", run_dir=run_dir)
+    src = p.source(_RequestSource([{"traceparent": TRACEPARENT}]))
+    p.stage(src, name="score")(lambda df: df).sink(_KafkaSink(kafka_tansu.bootstrap, topic))
+    with observe.start(p, tracer_provider=provider):
+        p.run(until_idle=True, handle_signals=False)
+    consumer = Consumer({"bootstrap.servers": kafka_tansu.bootstrap, "group.id": topic,
+                         "auto.offset.reset": "earliest", **{k.removeprefix("kafka."): v
+                                                             for k, v in kafka_tansu.settings.items()}})
+    consumer.subscribe([topic])
+    try:
+        messages = []
+        for _ in range(60):
+            messages += [m for m in consumer.consume(10, timeout=0.5) if m.error() is None]
+            if messages:
+                break
+    finally:
+        consumer.close()
+    assert messages, "no message came back from the broker"
+    context = get_current_span(extract_context(messages[0].headers())).get_span_context()
+    sink_span = next(s for s in exporter.get_finished_spans() if s.name == "sink kafka_out")
+    assert (context.trace_id, context.span_id) == (TRACE_ID, sink_span.context.span_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streamfn.connectors.kafka.broker import Broker, free_port, stop_pid, wait_listening
+from streamfn.connectors.kafka.broker import Broker, free_port, stop_process, wait_listening
 
 
 @dataclass
@@ -69,7 +69,7 @@ def kafka_noida(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServe
         yield KafkaServer("noida", f"127.0.0.1:{port}", {"kafka.session.timeout.ms": "6000",
                                                          "kafka.heartbeat.interval.ms": "1000"})
     finally:
-        stop_pid(proc.pid)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session", params=["tansu", "noida"])

@@ -1,11 +1,17 @@
 """A moto S3 server for the table-format tests (Delta, Iceberg), on a free loopback port.
 
+It runs as its own process: deltalake's native calls hold the GIL while they wait for S3,
+so an in-process (threaded) moto server would never get to answer them.
+
 `tables_s3` is the session's endpoint URL; `tables_bucket` creates a fresh bucket per test and
 sets the AWS_* variables the table libraries read (restored after the test).
 """
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -25,15 +31,23 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 @pytest.fixture(scope="session")
 def tables_s3() -> Iterator[str]:
     """The endpoint of a moto server that lives for the session."""
-    from moto.server import ThreadedMotoServer
-
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture

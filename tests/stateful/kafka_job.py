@@ -1,30 +1,65 @@
 """A windowed pipeline reading a Kafka topic with checkpoints, run as a subprocess by the crash tests.
 
-    python -m tests.stateful.kafka_job TOPIC GROUP OUT_DIR CHECKPOINT_URL RUN_DIR SETTINGS_JSON
+    python -m tests.stateful.kafka_job TOPIC GROUP OUT_DIR CHECKPOINT_URL RUN_DIR SETTINGS_JSON [follow]
+
+It stops at the end of the topic, or with "follow" runs until SIGTERM.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
+import uuid
 
 import polars as pl
 
 import streamfn as sf
-from streamfn.connectors import files, kafka
+from streamfn.connectors import kafka
 from tests.stateful.crash_job import AGGS, SCHEMA
 
+
+class ParquetParts(sf.Sink):
+    """Each lane's rows since the last flush become one Parquet file with a unique name.
+
+    (files.parquet names part files by run and lane and counts from 0 per lane writer, so a lane
+    that reopens after a rebalance in the same process would overwrite its earlier files.)
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.pending: dict[str, list[pl.DataFrame]] = {}
+        self.lock = threading.Lock()
+
+    def write(self, batch: sf.Batch) -> None:
+        with self.lock:
+            self.pending.setdefault(batch.partition, []).append(batch.frame)
+
+    def flush(self, checkpoint_id: str) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        for frames in pending.values():
+            tmp = os.path.join(self.directory, f".{uuid.uuid4().hex}.tmp")
+            pl.concat(frames).write_parquet(tmp)
+            os.replace(tmp, os.path.join(self.directory, f"part-{uuid.uuid4().hex}.parquet"))
+
 if __name__ == "__main__":
+    import logging, os
+    logging.basicConfig(level=os.environ.get("JOB_LOG", "WARNING"))
+    import faulthandler, signal
+    faulthandler.register(signal.SIGUSR1)
     topic, group, out, checkpoint, run_dir, settings = sys.argv[1:7]
     p = sf.Pipeline("kcrash", checkpoint=checkpoint, checkpoint_interval="20ms", run_dir=run_dir,
                     batch_rows=500, threads=4)
-    ticks = p.source(kafka.topic(topic, format="json", schema=SCHEMA, key="symbol", group=group,
-                                 consume_batch=500), name="ticks")
+    ticks = p.source(kafka.topic(topic, format="json", schema=SCHEMA, key="symbol", group=group),
+                      name="ticks")
 
     @p.stage(ticks)
     def traded(df: pl.DataFrame) -> pl.DataFrame:
-        time.sleep(0.004)  # slow enough that a kill lands mid-stream
+        time.sleep(0.02)  # slow enough that a kill lands mid-stream
         return df.filter(pl.col("volume") > 0)
 
-    traded.window(sf.tumbling("1s"), by="symbol", on="ts", aggs=AGGS).sink(files.parquet(out))
-    p.run(until_idle=True, settings=json.loads(settings))
+    traded.window(sf.tumbling("1s"), by="symbol", on="ts", aggs=AGGS).sink(ParquetParts(out))
+    p.run(until_idle=sys.argv[7:] != ["follow"], settings=json.loads(settings))

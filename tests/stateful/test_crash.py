@@ -54,21 +54,39 @@ def published(tmp: str) -> int:
     return len(glob.glob(os.path.join(tmp, "out", "*.parquet")))
 
 
+def kill_and_restart(start_job, tmp: str, kills: int, timeout_s: float = 120) -> None:
+    """Start the job, kill -9 it `kills` times once it has published more output, then let it finish.
+
+    Every process started here is waited for, and killed if a check fails, so none outlives the test.
+    """
+    procs: list[subprocess.Popen] = []
+    try:
+        killed = 0
+        for _ in range(kills):
+            seen = published(tmp)
+            proc = start_job()
+            procs.append(proc)
+            deadline = time.monotonic() + 60
+            while published(tmp) <= seen + 1 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            killed += proc.wait() == -signal.SIGKILL
+        assert killed == kills, "the job ended before it could be killed: give it more input"
+        proc = start_job()
+        procs.append(proc)
+        with open(os.path.join(tmp, "job.log"), errors="replace") as f:
+            assert proc.wait(timeout=timeout_s) == 0, f.read()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def crash_and_recover(tmp: str, checkpoint: str, settings: dict[str, str], kills: int) -> pl.DataFrame:
-    """Start the job, kill -9 it `kills` times once it has published more output, then let it finish."""
-    killed = 0
-    for _ in range(kills):
-        seen = published(tmp)
-        proc = start(tmp, checkpoint, settings)
-        deadline = time.monotonic() + 60
-        while published(tmp) <= seen + 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        killed += proc.wait() == -signal.SIGKILL
-    assert killed == kills, "the job ended before it could be killed: give it more input"
-    proc = start(tmp, checkpoint, settings)
-    assert proc.wait(timeout=120) == 0, open(os.path.join(tmp, "job.log")).read()[-3000:]
+    """Kill and restart the file job; return everything it published."""
+    kill_and_restart(lambda: start(tmp, checkpoint, settings), tmp, kills)
     return pl.read_parquet(os.path.join(tmp, "out", "*.parquet"))
 
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
+import signal
 import sys
 import time
 
+import polars as pl
 import pytest
 
-from tests.stateful.test_crash import ROOT, check, direct, published, write_ticks
+from tests.stateful.test_crash import ROOT, check, direct, kill_and_restart, published, write_ticks
 
 
 def produce(bootstrap: str, topic: str, rows: list[dict]) -> None:
@@ -31,7 +32,7 @@ def produce(bootstrap: str, topic: str, rows: list[dict]) -> None:
 @pytest.mark.integration
 def test_kill_9_mid_stream_from_kafka(tmp_path, kafka_tansu):
     tmp = str(tmp_path)
-    df = write_ticks(os.path.join(tmp, "unused"), n=20_000)
+    df = write_ticks(os.path.join(tmp, "unused"), n=60_000)
     topic = kafka_tansu.topic_name("ticks")
     produce(kafka_tansu.bootstrap, topic, df.to_dicts())
     settings = json.dumps(kafka_tansu.run_settings())
@@ -42,19 +43,51 @@ def test_kill_9_mid_stream_from_kafka(tmp_path, kafka_tansu):
         with open(os.path.join(tmp, "job.log"), "ab") as log:
             return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
-    killed = 0
-    for _ in range(3):
-        seen = published(tmp)
-        proc = start()
-        deadline = time.monotonic() + 60
-        while published(tmp) <= seen + 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        killed += proc.wait() == -signal.SIGKILL
-    assert killed == 3
-    proc = start()
-    assert proc.wait(timeout=180) == 0, open(os.path.join(tmp, "job.log")).read()[-3000:]
-    import polars as pl
-
+    kill_and_restart(start, tmp, kills=3, timeout_s=180)
     check(pl.read_parquet(os.path.join(tmp, "out", "*.parquet")), direct(df))
+
+
+@pytest.mark.integration
+def test_a_second_process_takes_over_partitions_with_their_state(tmp_path, kafka_tansu):
+    """Two workers in one group share a checkpoint URL; one is killed, the other carries on."""
+    tmp = str(tmp_path)
+    df = write_ticks(os.path.join(tmp, "unused"), n=60_000)
+    topic = kafka_tansu.topic_name("ticks")
+    produce(kafka_tansu.bootstrap, topic, df.to_dicts())
+    settings = json.dumps(kafka_tansu.run_settings())
+    last_window = df["ts"].max() // 1000 * 1000  # never closes without an end of input
+    want = direct(df).filter(pl.col("window_start") < last_window)
+
+    def start(name: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "tests.stateful.kafka_job", topic, f"g-{topic}", os.path.join(tmp, "out"),
+               os.path.join(tmp, "checkpoints"), os.path.join(tmp, f"run-{name}"), settings, "follow"]
+        with open(os.path.join(tmp, f"{name}.log"), "ab") as log:
+            return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "JOB_LOG": "INFO"})
+
+    def windows_out() -> int:
+        if not published(tmp):
+            return 0
+        got = pl.read_parquet(os.path.join(tmp, "out", "*.parquet"))
+        return got.select("symbol", "window_start").unique().height
+
+    first, second = start("a"), start("b")
+    try:
+        deadline = time.monotonic() + 60
+        while windows_out() < 20 and time.monotonic() < deadline:  # both hold partitions, mid-stream
+            time.sleep(0.02)
+        os.kill(second.pid, signal.SIGKILL)
+        assert second.wait() == -signal.SIGKILL
+        deadline = time.monotonic() + 120
+        while windows_out() < want.height and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    with open(os.path.join(tmp, "b.log"), errors="replace") as f:
+        assert "lane opened" in f.read()  # the second worker did hold partitions before it died
+    check(pl.read_parquet(os.path.join(tmp, "out", "*.parquet")), want)

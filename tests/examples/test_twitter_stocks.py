@@ -1,0 +1,199 @@
+"""examples/twitter_stocks end to end: `streamfn run` on the shipped data, checked against plain polars.
+
+One run (a subprocess, as a user would start it) with SENTIMENT_THRESHOLD=0.5 from the
+environment; while it runs the test asks GET /symbols/{symbol}. Its outputs are compared with
+tests/examples/twitter_stocks_reference.py, which recomputes everything from the shipped files
+without the example's code: price windows, sentiment windows, the join, counts, dead letters.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from tests.examples import twitter_stocks_reference as ref
+
+pytestmark = pytest.mark.integration  # the run starts an embedded Kafka broker and an HTTP server
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "twitter_stocks"
+THRESHOLD = 0.5
+PRICE_COLUMNS = ["trades", "volume", "vwap", "open", "close", "change_pct"]
+
+
+@dataclass
+class Run:
+    """What one run of the example left behind."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+    answers: dict[str, list[tuple[int, dict]]] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path:
+        return self.run_dir / "output"
+
+    def table(self, name: str) -> pl.DataFrame:
+        frame = pl.read_parquet(self.output / name / "**" / "*.parquet", hive_partitioning=True)
+        return frame.sort(ref.KEY)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, dict] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None  # not listening yet, or already stopped
+
+
+def _ask_while_running(proc: subprocess.Popen[str], port: int, answers: dict[str, list[tuple[int, dict]]]) -> None:
+    """Ask for a known and an unknown symbol until the run ends (each answer kept)."""
+    while proc.poll() is None:
+        for symbol in ("aapl", "ZZZZ"):
+            got = _get(f"http://127.0.0.1:{port}/symbols/{symbol}")
+            if got is not None and got[0] != 503:
+                answers.setdefault(symbol, []).append(got)
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run_dir = tmp_path_factory.mktemp("twitter_stocks")
+    port = _free_port()
+    env = {**os.environ, "RUN_DIR": str(run_dir), "SENTIMENT_THRESHOLD": str(THRESHOLD),
+           "REPLAY_SPEEDUP": "12000", "REPLAY_TICK": "0.2s", "PYTHONUNBUFFERED": "1"}
+    env.pop("OUTPUT_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamfn.cli", "run", "examples/twitter_stocks/pipeline.py", "--port", str(port),
+         "--log-format", "json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answers: dict[str, list[tuple[int, dict]]] = {}
+    asker = threading.Thread(target=_ask_while_running, args=(proc, port, answers), daemon=True)
+    asker.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=110)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the example did not end within 110 s\n{stdout}\n{stderr[-3000:]}")
+    asker.join()
+    return Run(proc.returncode, stdout, stderr, run_dir, answers)
+
+
+def _summary_rows(stdout: str) -> dict[str, tuple[int, int]]:
+    """node -> (rows in, rows out) from the run summary streamfn prints."""
+    rows = {}
+    for line in stdout.splitlines():
+        match = re.match(r"^\s+(\w+)\s+(source|stage|sink)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", line)
+        if match:
+            rows[match.group(1)] = (int(match.group(3).replace(",", "")), int(match.group(4).replace(",", "")))
+    return rows
+
+
+def test_it_ends_by_itself_and_prints_a_summary_per_symbol(run: Run) -> None:
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in run.stdout.splitlines() if re.match(r"^\| [A-Z]+ +\|", line)]
+    assert sorted(line.split("|")[1].strip() for line in table) == ref.symbols()
+    assert f"Parquet output: {run.output.resolve()}" in run.stdout
+    assert "stopped by end of input" in run.stdout
+
+
+def test_price_windows_match_plain_polars(run: Run) -> None:
+    got = run.table("prices")
+    want = ref.price_windows()
+    assert got.height == want.height == 20_605
+    assert_frame_equal(got.select(ref.KEY + PRICE_COLUMNS + ["high", "low"]),
+                       want.select(ref.KEY + PRICE_COLUMNS + ["high", "low"]), check_dtypes=False, rel_tol=1e-9)
+    assert (got["date"].cast(pl.String) == got["window_start"].dt.date().cast(pl.String)).all()
+
+
+def test_sentiment_windows_joined_to_their_price_window(run: Run) -> None:
+    got = run.table("joined")
+    want = ref.joined(THRESHOLD)
+    assert got.height == want.height
+    columns = ref.KEY + ["posts", "sentiment", "bullish", "bearish"] + PRICE_COLUMNS
+    assert_frame_equal(got.select(columns), want.select(columns), check_dtypes=False, rel_tol=1e-9)
+    assert got["vwap"].null_count() == want["vwap"].null_count() > 0  # minutes with posts but no trade
+
+
+def test_the_threshold_comes_from_the_environment(run: Run) -> None:
+    got = run.table("joined")
+    assert got["bullish"].sum() == ref.joined(THRESHOLD)["bullish"].sum()
+    assert got["bullish"].sum() < ref.joined(0.05)["bullish"].sum()
+    assert got["bearish"].sum() < ref.joined(0.05)["bearish"].sum()
+    assert "sentiment threshold 0.5" in run.stdout
+
+
+def test_bad_posts_are_dead_letters_with_their_reason(run: Run) -> None:
+    letters = pl.concat([pl.read_ndjson(path, infer_schema_length=None)
+                         for path in sorted((run.run_dir / "dead_letters").glob("*.jsonl"))], how="diagonal_relaxed")
+    _, bad = ref.judge_posts()
+    assert letters.height == bad.height == 46
+    assert set(letters["stage"]) == {"posts"}
+    reasons = {"not UTF-8": "not UTF-8", "not JSON": "not JSON", "empty": "empty post",
+               "no ticker": "no known ticker"}
+    for reason, count in bad.group_by("reason").len().iter_rows():
+        assert letters.filter(pl.col("error").str.contains(reasons[reason])).height == count, reason
+    payloads = sorted(base64.b64decode(p) if e == "base64" else p.encode()
+                      for p, e in letters.select("payload", "payload_encoding").iter_rows())
+    assert payloads == sorted(bad["raw"].to_list())
+
+
+def test_counts_of_every_stage_and_kafka_topic(run: Run) -> None:
+    rows = _summary_rows(run.stdout)
+    good, _ = ref.judge_posts()
+    assert rows["quotes_topic"] == (61_932, 61_932)
+    assert rows["posts_topic"] == (4_000, 4_000)
+    assert rows["posts"] == (4_000, good.height)
+    assert rows["mentions"][1] == ref.mentions(THRESHOLD).height
+    assert rows["sentiment_windows"][1] == ref.sentiment_windows(THRESHOLD).height
+    assert rows["symbol_windows_topic"][1] == ref.joined(THRESHOLD).height
+
+
+def test_http_answers_the_latest_joined_window_of_a_symbol(run: Run) -> None:
+    found = [body for status, body in run.answers.get("aapl", []) if status == 200]
+    assert found, f"no 200 answer for /symbols/aapl during the run: {run.answers}"
+    want = ref.joined(THRESHOLD).filter(pl.col("symbol") == "AAPL")
+    for body in found:
+        start = pl.Series([body["window_start"]]).str.to_datetime(time_zone="UTC", time_unit="ms")[0]
+        row = want.filter(pl.col("window_start") == start)
+        assert row.height == 1, body
+        assert body["posts"] == row["posts"][0] and body["bullish"] == row["bullish"][0]
+        assert body["sentiment"] == pytest.approx(row["sentiment"][0])
+        assert body["vwap"] == pytest.approx(row["vwap"][0]) if row["vwap"][0] is not None else body["vwap"] is None
+    starts = [body["window_start"] for body in found]
+    assert starts == sorted(starts)  # the latest window: it only moves forward
+    unknown = run.answers.get("ZZZZ", [])
+    assert unknown and all(status == 404 and "no joined window for ZZZZ" in body["error"] for status, body in unknown)
+
+
+def test_report_draws_a_png_from_the_output(run: Run, tmp_path: Path) -> None:
+    png = tmp_path / "report.png"
+    done = subprocess.run([sys.executable, str(EXAMPLE / "report.py"), "--output", str(run.output),
+                           "--symbols", "AAPL", "TSLA", "--out", str(png)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
