@@ -197,3 +197,13 @@ def test_report_draws_a_png_from_the_output(run: Run, tmp_path: Path) -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_notebook_is_the_same_pipeline(tmp_path: Path) -> None:
+    env = {**os.environ, "RUN_DIR": str(tmp_path)}
+    graphs = [subprocess.run([sys.executable, "-m", "streamfn.cli", "graph", f"examples/twitter_stocks/{name}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+              for name in ("pipeline.py", "pipeline.ipynb")]
+    assert [g.returncode for g in graphs] == [0, 0], [g.stderr for g in graphs]
+    assert graphs[0].stdout == graphs[1].stdout
+    assert "joined                <- sentiment_windows, price_table" in graphs[0].stdout
