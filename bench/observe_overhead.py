@@ -5,7 +5,7 @@
 The job: NDJSON ticks -> parse -> filter volume > 0 -> derived column -> memory sink. Modes:
 off (no observe.start: the runtime's no-op observer), tracing (a span per batch per stage,
 batched to an exporter that drops them), metrics (an in-memory reader), both. Prints one
-JSON line per batch size with the median rows/s of each mode, then the per-batch cost of
+JSON line per batch size with the best and median rows/s of each mode, then the per-batch cost of
 the observer hooks alone in microseconds.
 """
 from __future__ import annotations
@@ -136,8 +136,10 @@ def main() -> None:
             for _ in range(args.repeats):
                 for mode in MODES:  # interleaved, so that load from elsewhere hits every mode alike
                     rates[mode].append(run_once(path, tmp, mode, batch_rows))
+            # best-of is what survives load from other processes; the median shows the spread
             print(json.dumps({"rows": args.rows, "batch_rows": batch_rows,
-                              **{f"{m}_rows_per_s": round(statistics.median(v)) for m, v in rates.items()}}))
+                              **{f"{m}_best_rows_per_s": round(max(v)) for m, v in rates.items()},
+                              **{f"{m}_median_rows_per_s": round(statistics.median(v)) for m, v in rates.items()}}))
         print(json.dumps({"hook_us_per_batch": hook_costs(tmp)}))
 
 

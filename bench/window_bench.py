@@ -1,11 +1,13 @@
 """The reference workload through streamfn's window stage, next to the peers, in one run.
 
     .venv/bin/python bench/window_bench.py [--n 1000000] [--work DIR] [--peers-python PY]
-                                           [--skip-peers] [--state-keys 1000000]
+                                           [--skip-peers] [--kafka] [--state-keys 1000000]
 
 ticks (NDJSON) -> filter volume > 0 -> per-symbol tumbling 1 s window: count, sum(volume), VWAP,
 written as Parquet and checked with the shared bench's `workload.py compare`; then the peers
-(polars batched, python loop, bytewax) on the same file, each in its own process; then one
+(polars batched, python loop, bytewax) on the same file, each in its own process; with --kafka,
+the same from a 4-partition topic on a local Tansu broker (streamfn, confluent-kafka + polars,
+bytewax; Quix Streams is left out: ~7k records/s here, see the shared bench README); then one
 table of records/s, peak RSS and ratios. Last, a checkpoint and a restore of a keyed table of
 `--state-keys` keys, full and incremental (1% of the keys changed).
 
@@ -60,6 +62,36 @@ def run_streamfn(inp: str, out: str, batch_rows: int) -> None:
     report("streamfn window", "file", records, time.perf_counter() - started)
 
 
+def run_streamfn_kafka(brokers: str, topic: str, records: int, out: str) -> None:
+    """Child process: the same job from a Kafka topic (4 partitions keyed by symbol, one lane each)."""
+    import uuid
+
+    import polars as pl
+
+    import streamfn as sf
+    from streamfn.connectors import kafka, memory
+
+    sys.path.insert(0, BENCH_DIR)
+    from common import report, write_windows
+
+    parts = tempfile.mkdtemp(prefix="streamfn-bench-kafka-")
+    started = time.perf_counter()
+    p = sf.Pipeline("bench_kafka", run_dir=os.path.join(parts, "run"), checkpoint_interval="5s")
+    ticks = p.source(kafka.topic(topic, format="json", key="symbol", group=f"bench-{uuid.uuid4().hex[:8]}",
+                                 start="earliest", schema={"symbol": pl.String, "ts": pl.Int64,
+                                                           "price": pl.Float64, "volume": pl.Int64}))
+    sink = memory.sink()  # the windows are few
+    traded = ticks.stage(lambda df: df.filter(pl.col("volume") > 0), name="traded")
+    traded.window(sf.tumbling("1s"), by="symbol", on="ts", aggs=[
+        pl.len().alias("count"), pl.col("volume").sum().alias("volume"),
+        ((pl.col("price") * pl.col("volume")).sum() / pl.col("volume").sum()).alias("vwap"),
+    ]).sink(sink)
+    p.run(until_idle=True, handle_signals=False, settings={
+        "kafka.brokers": brokers, "kafka.session.timeout.ms": "1000", "kafka.heartbeat.interval.ms": "200"})
+    write_windows(sink.frame(), out)
+    report("streamfn window", "kafka", records, time.perf_counter() - started)
+
+
 def _child(cmd: list[str]) -> dict | None:
     """Run one system in its own process; its result line, or None when it failed."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -98,17 +130,52 @@ def bench_windows(args: argparse.Namespace) -> list[dict]:
             if line:
                 line["correct"] = _correct(answer, peer_out)
                 results.append(line)
+    if args.kafka:
+        results += bench_kafka(args, work, answer)
+    return results
+
+
+def bench_kafka(args: argparse.Namespace, work: str, answer: str) -> list[dict]:
+    """Start Tansu, load the file into a 4-partition topic, run streamfn and the Kafka peers."""
+    inp = os.path.join(work, "ticks.jsonl")
+    started = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "brokers.py"), "start", "tansu"],
+                             capture_output=True, text=True, check=True, cwd=BENCH_DIR)
+    pid, brokers = started.stdout.split()[-2:]
+    results = []
+    try:
+        subprocess.run([sys.executable, os.path.join(BENCH_DIR, "peers", "kafka_produce.py"), inp, "ticks",
+                        "--brokers", brokers, "--partitions", "4"], check=True, capture_output=True)
+        out = os.path.join(work, "streamfn-kafka.parquet")
+        line = _child([sys.executable, __file__, "--child-kafka", brokers, "ticks", str(args.n), out])
+        if line:
+            line["correct"] = _correct(answer, out)
+            results.append(line)
+        peers = [] if args.skip_peers else [
+            (sys.executable, "kafka_consume_raw.py", ["--brokers", brokers, "--topic", "ticks", "--expect",
+                                                      str(args.n), "--mode", "polars", "--out"]),
+            (args.peers_python, "bytewax_flow.py", ["--source", "kafka", "--brokers", brokers, "--topic",
+                                                    "ticks"]),
+        ]
+        for python, script, flags in peers:
+            peer_out = os.path.join(work, script.replace(".py", "-kafka.parquet"))
+            line = _child([python, os.path.join(BENCH_DIR, "peers", script), *flags, peer_out])
+            if line:
+                line["correct"] = _correct(answer, peer_out)
+                results.append(line)
+    finally:
+        subprocess.run([sys.executable, os.path.join(BENCH_DIR, "brokers.py"), "stop", pid], cwd=BENCH_DIR)
     return results
 
 
 def print_table(results: list[dict]) -> None:
     """Markdown table with each system's rate relative to streamfn's."""
-    ours = next((r for r in results if r["system"].startswith("streamfn")), None)
-    print("| system | records | records/s | peak RSS MB | streamfn / system | correct |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    print("| system | source | records | records/s | peak RSS MB | streamfn / system | correct |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for r in results:
+        ours = next((o for o in results if o["system"].startswith("streamfn") and o["source"] == r["source"]),
+                    None)
         ratio = f"{ours['rec_per_s'] / r['rec_per_s']:.2f}x" if ours and r.get("rec_per_s") else ""
-        print(f"| {r['system']} | {r['records']:,} | {r['rec_per_s']:,} | {r['peak_rss_mb']} | {ratio} "
+        print(f"| {r['system']} | {r['source']} | {r['records']:,} | {r['rec_per_s']:,} | {r['peak_rss_mb']} | {ratio} "
               f"| {r.get('correct', '')} |")
 
 
@@ -171,10 +238,16 @@ def main() -> None:
     ap.add_argument("--peers-python", default=os.environ.get("BENCH_PEERS_PYTHON", sys.executable))
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--state-keys", type=int, default=1_000_000)
+    ap.add_argument("--kafka", action="store_true", help="also run from a Kafka topic on a local Tansu")
     ap.add_argument("--child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-kafka", nargs=4, metavar=("BROKERS", "TOPIC", "N", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         run_streamfn(*args.child, batch_rows=args.batch_rows)
+        return
+    if args.child_kafka:
+        brokers, topic, n, out = args.child_kafka
+        run_streamfn_kafka(brokers, topic, int(n), out)
         return
     results = bench_windows(args)
     print_table(results)

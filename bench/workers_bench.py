@@ -4,14 +4,18 @@ per-symbol tumbling 1 s count / volume / vwap) with a CPU-bound Python stage, fo
 
     python bench/workers_bench.py [--records 400000] [--cpu-loops 8] [--workers 1,2,4]
 
-The clock runs from starting `streamfn run` to its exit: process start, the group join and
-rebalances are included, as a user would see them. A local Tansu broker is started and stopped.
+The clock runs from starting `streamfn run` (following the topic, not --until-idle) until every
+window of the answer is in the output; process start, the group join and the rebalances as workers
+join are included, as a user would see them. An END tick on every partition, 10 s after the last
+tick, moves the watermark so that the last real windows close. Then SIGTERM drains the workers.
+A local Tansu broker is started and stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streamfn.connectors.kafka.broker import Broker
 
 JOB = Path(__file__).with_name("workers_job.py")
-BASE_TS, SYMBOLS = 1_700_000_000_000, 500
+BASE_TS, SYMBOLS, END = 1_700_000_000_000, 500, "END"
 
 
 def generate(n: int, seed: int = 7) -> pl.DataFrame:
@@ -51,7 +55,8 @@ def answer(ticks: pl.DataFrame) -> pl.DataFrame:
 
 
 def produce(brokers: str, topic: str, ticks: pl.DataFrame) -> None:
-    """One JSON message per tick, keyed by symbol, into a 4-partition topic."""
+    """One JSON message per tick, keyed by symbol, into a 4-partition topic; then, on every partition,
+    one END tick 10 s later, whose watermark closes every real window."""
     admin = AdminClient({"bootstrap.servers": brokers})
     admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result(30)
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "batch.num.messages": 10000,
@@ -61,38 +66,69 @@ def produce(brokers: str, topic: str, ticks: pl.DataFrame) -> None:
         producer.produce(topic, line.encode(), key)
         if i % 10000 == 0:
             producer.poll(0)
+    for partition in range(4):  # one END key per partition: a key lives in one lane
+        end = json.dumps({"symbol": f"{END}{partition}", "ts": int(ticks["ts"].max()) + 10_000, "price": 1.0,
+                          "volume": 1})
+        producer.produce(topic, end.encode(), f"{END}{partition}", partition=partition)
     assert producer.flush(60) == 0
 
 
-def run(brokers: str, topic: str, workers: int, work: Path, cpu_loops: int) -> tuple[float, pl.DataFrame]:
-    """Seconds for `streamfn run [--workers N] --until-idle`, and the windows it wrote."""
+def outputs(out: Path) -> pl.DataFrame:
+    """The windows written so far (files appear as lanes commit)."""
+    frames = []
+    for f in sorted(out.glob("**/*.parquet")):
+        try:
+            frames.append(pl.read_parquet(f))
+        except (OSError, pl.exceptions.ComputeError):  # being published right now
+            continue
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames).filter(~pl.col("symbol").str.starts_with(END)) if frames else pl.DataFrame()
+
+
+def run(brokers: str, topic: str, workers: int, work: Path, cpu_loops: int, expected: int) -> tuple[float, pl.DataFrame]:
+    """Seconds from `streamfn run [--workers N]` to every window written; then SIGTERM (a drain)."""
     out, group = work / f"out-{workers}", f"bench-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "streamfn.cli", "run", str(JOB), "--until-idle", "--brokers", brokers,
-           "--group", group, "--quiet", "--log-format", "json", "--set", "kafka.session.timeout.ms=1000",
+    cmd = [sys.executable, "-m", "streamfn.cli", "run", str(JOB), "--brokers", brokers, "--group", group,
+           "--quiet", "--log-format", "json", "--set", "kafka.session.timeout.ms=1000",
            "--set", "kafka.heartbeat.interval.ms=200"]
     if workers > 1:
         cmd += ["--workers", str(workers)]
     env = {**os.environ, "TOPIC": topic, "OUT_DIR": str(out), "RUN_DIR": str(work / f"run-{workers}"),
-           "CPU_LOOPS": str(cpu_loops)}
+           "CKPT": str(work / f"checkpoints-{workers}"), "CPU_LOOPS": str(cpu_loops)}
     started = time.perf_counter()
     with open(work / f"log-{workers}.txt", "wb") as log:
-        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"workers={workers} failed (exit {done.returncode}); see {work}/log-{workers}.txt")
-    files = sorted(out.glob("**/*.parquet"))
-    return seconds, pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = started + 600
+            while time.perf_counter() < deadline and proc.poll() is None:
+                got = outputs(out)
+                if got.height and got.select("symbol", "window_start").unique().height >= expected:
+                    break
+                time.sleep(0.1)
+            seconds = time.perf_counter() - started
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if code != 0:
+        raise SystemExit(f"workers={workers} exited {code}; see {work}/log-{workers}.txt")
+    return seconds, outputs(out)
 
 
-def same(got: pl.DataFrame, expected: pl.DataFrame) -> bool:
-    """Equal windows (vwap to 1e-9 relative)."""
-    if got.is_empty():
-        return False
+def check(got: pl.DataFrame, expected: pl.DataFrame) -> dict[str, int]:
+    """Differences from the answer: windows missing, extra (duplicated) and with other values."""
     key = ["symbol", "window_start"]
-    joined = expected.join(got.select(key + ["count", "volume", "vwap"]), on=key, how="full", suffix="_got")
-    return bool(joined.height == expected.height == got.height and joined.select(
-        (pl.col("count") == pl.col("count_got")).all() & (pl.col("volume") == pl.col("volume_got")).all()
-        & ((pl.col("vwap") - pl.col("vwap_got")).abs() <= 1e-9 * pl.col("vwap").abs()).all()).item())
+    if got.is_empty():
+        return {"missing": expected.height, "duplicated": 0, "different": 0}
+    dup = got.height - got.select(key).unique().height
+    joined = expected.join(got.unique(key, keep="last").select(key + ["count", "volume", "vwap"]), on=key,
+                           how="left", suffix="_got")
+    differ = joined.filter(pl.col("count_got").is_not_null() & (
+        (pl.col("count") != pl.col("count_got")) | (pl.col("volume") != pl.col("volume_got"))
+        | ((pl.col("vwap") - pl.col("vwap_got")).abs() > 1e-9 * pl.col("vwap").abs())))
+    return {"missing": joined["count_got"].null_count(), "duplicated": dup, "different": differ.height}
 
 
 def main() -> None:
@@ -101,19 +137,23 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=400_000)
     ap.add_argument("--cpu-loops", type=int, default=8)
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--keep", help="keep the outputs and logs in this folder")
     args = ap.parse_args()
     ticks = generate(args.records)
     expected = answer(ticks)
-    with tempfile.TemporaryDirectory(prefix="workers-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="workers-bench-") as scratch:
+        tmp = args.keep or scratch
+        os.makedirs(tmp, exist_ok=True)
         broker = Broker(log_path=os.path.join(tmp, "tansu.log"))
         try:
             topic = f"ticks-{uuid.uuid4().hex[:8]}"
             produce(broker.bootstrap, topic, ticks)
             for workers in [int(w) for w in args.workers.split(",")]:
-                seconds, got = run(broker.bootstrap, topic, workers, Path(tmp), args.cpu_loops)
+                seconds, got = run(broker.bootstrap, topic, workers, Path(tmp), args.cpu_loops, expected.height)
+                problems = check(got, expected)
                 print(json.dumps({"workers": workers, "records": args.records, "seconds": round(seconds, 2),
                                   "rec_per_s": round(args.records / seconds), "cpus": os.cpu_count(),
-                                  "correct": same(got, expected)}), flush=True)
+                                  "correct": not any(problems.values()), **problems}), flush=True)
         finally:
             broker.stop()
 

@@ -13,7 +13,9 @@ from streamfn.connectors import files, kafka
 
 CPU_LOOPS = int(os.environ.get("CPU_LOOPS", "8"))
 worker = os.environ.get("STREAMFN_WORKER_ID", "0")
-p = sf.Pipeline("workers_bench", run_dir=os.path.join(os.environ["RUN_DIR"], worker), checkpoint_interval="1s")
+# one checkpoint URL for every worker: a partition's window state follows it on a rebalance
+p = sf.Pipeline("workers_bench", run_dir=os.path.join(os.environ["RUN_DIR"], worker), checkpoint=os.environ["CKPT"],
+                checkpoint_interval="1s")
 ticks = p.source(kafka.topic(os.environ["TOPIC"], format="json", key="symbol",
                              schema={"symbol": pl.String, "ts": pl.Int64, "price": pl.Float64, "volume": pl.Int64}))
 

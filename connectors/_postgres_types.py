@@ -147,3 +147,23 @@ def check_and_cast(table: pa.Table, columns: list[tuple[str, str]], name: str) -
                                  f"{source}; expected ({expected}), given ({given})")
         fields.append(pa.field(col, target))
     return table.select(names).cast(pa.schema(fields))
+
+
+def plain_columns(table: pa.Table) -> pa.Table:
+    """Columns ADBC returns as opaque (numeric, uuid, json...) as decimals or strings."""
+    if not any(isinstance(f.type, pa.OpaqueType) for f in table.schema):
+        return table
+    columns, fields = [], []
+    for field, column in zip(table.schema, table.columns):
+        if isinstance(field.type, pa.OpaqueType):
+            column = pa.chunked_array([c.storage for c in column.chunks], type=field.type.storage_type)
+            typmod = int((field.metadata or {}).get(b"POSTGRESQL:typmod", b"-1"))
+            if field.type.type_name == "numeric" and typmod >= 4:
+                # typmod = (precision << 16 | scale) + 4, as PostgreSQL stores it
+                precision, scale = (typmod - 4) >> 16, (typmod - 4) & 0xFFFF
+                column = column.cast(pa.decimal128(precision, scale) if precision <= 38
+                                     else pa.decimal256(precision, scale))
+            field = pa.field(field.name, column.type, field.nullable)
+        columns.append(column)
+        fields.append(field)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))

@@ -155,6 +155,9 @@ class _DeltaLaneWriter(Sink):
             self._filter = ReplayFilter(self._committed, self.lane, idempotent=self.parent.mode == "merge")
         return self._filter
 
+    def replayed_until(self) -> Position:
+        return self._replay_filter().committed.high_offset
+
     def write(self, batch: Batch) -> None:
         frame = self._replay_filter().admit(batch)
         if frame is None or frame.height == 0:

@@ -24,7 +24,7 @@ from streamfn._optional import import_optional
 from streamfn.batch import Batch, Position
 from streamfn.connectors._exactly_once import (Pending, Progress, ReplayFilter, SchemaMismatch,
                                                already_committed, plain_arrow, with_retries)
-from streamfn.connectors._postgres_types import (check_and_cast, column_ddl, quote_ident,
+from streamfn.connectors._postgres_types import (check_and_cast, plain_columns, column_ddl, quote_ident,
                                                  quote_literal, split_name)
 from streamfn.contracts import Sink, Source, SourcePartition
 from streamfn.errors import ConfigError, EndOfInput
@@ -97,7 +97,6 @@ class PostgresTable(Sink):
         self.max_buffer_rows = max_buffer_rows
         self.pipeline = "default"
         self._ddl_lock = threading.Lock()  # lanes of one process create the table once
-        self._checked: pa.Schema | None = None
 
     def default_name(self) -> str:
         return self.table_name
@@ -219,6 +218,9 @@ class _PgLaneWriter(Sink):
             self._filter = ReplayFilter(self._committed, self.lane, idempotent=self.parent.mode == "upsert")
         return self._filter
 
+    def replayed_until(self) -> Position:
+        return self._replay_filter().committed.high_offset
+
     def write(self, batch: Batch) -> None:
         frame = self._replay_filter().admit(batch)
         if frame is None or frame.height == 0:
@@ -271,9 +273,10 @@ class _PgLaneWriter(Sink):
     def _upsert(self, cur: Any, rows: pa.Table) -> None:
         p = self.parent
         # a key twice in one statement is an error in Postgres: the later row wins, as in a replay
-        frame = pl.from_arrow(rows).unique(subset=p.key, keep="last", maintain_order=True)
-        rows = frame.to_arrow().cast(rows.schema)
-        stage = f"_streamfn_stage_{abs(hash(self.lane)) % 10**8}"
+        frame = pl.from_arrow(rows)
+        assert isinstance(frame, pl.DataFrame)
+        rows = frame.unique(subset=p.key, keep="last", maintain_order=True).to_arrow().cast(rows.schema)
+        stage = "_streamfn_stage"  # a temporary table: private to this lane's connection
         cur.adbc_ingest(stage, rows, mode="replace", temporary=True)
         cols = ", ".join(quote_ident(c) for c in rows.schema.names)
         keys = ", ".join(quote_ident(k) for k in p.key)
@@ -343,7 +346,7 @@ class _QueryPartition(SourcePartition):
     def _take(self, max_rows: int) -> pa.Table | None:
         if self._rest is None or self._rest.num_rows == 0:
             try:
-                self._rest = _plain_columns(pa.Table.from_batches([self._reader.read_next_batch()]))
+                self._rest = plain_columns(pa.Table.from_batches([self._reader.read_next_batch()]))
             except StopIteration:
                 return None
         out, self._rest = self._rest.slice(0, max_rows), self._rest.slice(max_rows)
@@ -364,26 +367,6 @@ class _QueryPartition(SourcePartition):
             self._cur.close()
             self._conn.close()
             self._conn = None
-
-
-def _plain_columns(table: pa.Table) -> pa.Table:
-    """Columns ADBC returns as opaque (numeric, uuid, json...) as decimals or strings."""
-    if not any(isinstance(f.type, pa.OpaqueType) for f in table.schema):
-        return table
-    columns, fields = [], []
-    for field, column in zip(table.schema, table.columns):
-        if isinstance(field.type, pa.OpaqueType):
-            column = pa.chunked_array([c.storage for c in column.chunks], type=field.type.storage_type)
-            typmod = int((field.metadata or {}).get(b"POSTGRESQL:typmod", b"-1"))
-            if field.type.type_name == "numeric" and typmod >= 4:
-                # typmod = (precision << 16 | scale) + 4, as PostgreSQL stores it
-                precision, scale = (typmod - 4) >> 16, (typmod - 4) & 0xFFFF
-                column = column.cast(pa.decimal128(precision, scale) if precision <= 38
-                                     else pa.decimal256(precision, scale))
-            field = pa.field(field.name, column.type, field.nullable)
-        columns.append(column)
-        fields.append(field)
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 class PostgresQuery(Source):

@@ -3,7 +3,12 @@
 Layout under the checkpoint URL, per lane (source and partition):
 
     <source>/<partition>/state/<checkpoint id>-<stage>-<n>.arrow    Arrow IPC (lz4) frames
-    <source>/<partition>/manifests/<checkpoint id>.json             what a restore needs
+    <source>/<partition>/manifests/<sequence>.json                  what a restore needs
+
+Manifests are numbered per lane (000000000000.json, 000000000001.json, ...): a process that
+takes a partition over continues the numbering of the checkpoint it restored, and publishes
+each number exclusively (a hard link on local disk, `If-None-Match: *` on S3), so a worker
+that lost its partition but still runs cannot overwrite the new owner's checkpoints.
 
 A manifest records the source position, each stage's snapshot (frames replaced by file
 references with their SHA-256), and the pipeline's state code hash. It is written after
@@ -28,7 +33,7 @@ import polars as pl
 from fsspec.implementations.local import LocalFileSystem
 
 from streamfn.batch import Position
-from streamfn.errors import ConfigError
+from streamfn.errors import ConfigError, StreamfnError
 from streamfn.stateful.codehash import state_code_hash
 
 if TYPE_CHECKING:
@@ -43,6 +48,10 @@ FORMAT_VERSION = 1
 
 class StateMismatch(ConfigError):
     """The saved state was written by different stateful code; restoring it would load garbage."""
+
+
+class LaneTakenOver(StreamfnError):
+    """Another process published a checkpoint of this lane: this one no longer owns it."""
 
 
 class CorruptCheckpoint(Exception):
@@ -60,6 +69,8 @@ class Checkpointer:
         self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self._loaded: dict[tuple[str, str], tuple[dict[str, Any], dict[str, pl.DataFrame]] | None] = {}
         self._reset_done: set[tuple[str, str]] = set()
+        self._next_seq: dict[tuple[str, str], int] = {}
+        self._last_saved: dict[tuple[str, str], tuple[str, Any]] = {}  # (files, position) per lane
 
     @classmethod
     def for_runtime(cls, runtime: "Runtime") -> "Checkpointer":
@@ -124,13 +135,26 @@ class Checkpointer:
             snap = runner.snapshot(checkpoint_id)
             if snap is not None:
                 stages[name] = self._write_frames(snap, base, f"{checkpoint_id}-{quote(name, safe='')}", files)
+        key = (lane.source.name, lane.partition)
+        if self._last_saved.get(key) == (json.dumps(files, sort_keys=True), lane.position):
+            return  # an idle lane: same position, same state files, nothing to publish
+        seq = self._next_seq.get(key)
+        if seq is None:
+            seq = self._seq_after(self._manifests(base))
         manifest = {
-            "format": FORMAT_VERSION, "checkpoint_id": checkpoint_id, "pipeline": self.pipeline,
+            "format": FORMAT_VERSION, "seq": seq, "checkpoint_id": checkpoint_id, "pipeline": self.pipeline,
             "lane": lane.id, "source": lane.source.name, "partition": lane.partition,
             "position": lane.position, "code_hash": self.code_hash, "stages": stages, "files": files,
             "created": time.time(),
         }
-        self._publish(f"{base}/manifests/{checkpoint_id}.json", json.dumps(manifest).encode())
+        path = f"{base}/manifests/{seq:012d}.json"
+        try:
+            self._publish(path, json.dumps(manifest).encode())
+        except FileExistsError:
+            raise LaneTakenOver(f"lane {lane.id}: another process published checkpoint {seq} of this lane "
+                                f"at {base}; this process no longer owns the partition and stops") from None
+        self._next_seq[key] = seq + 1
+        self._last_saved[key] = (json.dumps(files, sort_keys=True), lane.position)
         self._collect_garbage(base)
         log.debug("checkpoint saved", extra={"lane": lane.id, "checkpoint": checkpoint_id,
                                              "files": len(files),
@@ -165,16 +189,37 @@ class Checkpointer:
         return value
 
     def _publish(self, path: str, data: bytes) -> None:
-        if isinstance(self.fs, LocalFileSystem):  # write aside, then rename: atomic on one disk
+        """Write a new file atomically and exclusively (FileExistsError if it is there already)."""
+        if isinstance(self.fs, LocalFileSystem):  # write aside, then hard-link: atomic and exclusive
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{os.path.dirname(path)}/.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:  # one PUT: an object store shows the whole object or none
-            self.fs.pipe_file(path, data)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
+            return
+        # one PUT: an object store shows the whole object or none; "create" is If-None-Match on S3
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise
+        except OSError as exc:  # s3fs reports a failed precondition as a permission/OS error
+            if "PreconditionFailed" in repr(exc) or "412" in repr(exc):
+                raise FileExistsError(path) from exc
+            raise
+
+    @staticmethod
+    def _seq_after(manifests: list[str]) -> int:
+        """The number after the newest manifest's (manifests sorted newest first)."""
+        for path in manifests:
+            stem = os.path.basename(path).removesuffix(".json")
+            if stem.isdigit():
+                return int(stem) + 1
+        return 0
 
     def _manifests(self, base: str) -> list[str]:
         try:
@@ -218,10 +263,14 @@ class Checkpointer:
         key = (source, partition)
         if key in self._loaded:
             return self._loaded[key]
+        self._next_seq[key] = 0  # a reset starts the numbering again
+        self._last_saved.pop(key, None)
         result = None
-        if not self.reset:
+        if not self.reset or key in self._reset_done:  # reset once per lane and run, not per reopen
             base = self.lane_dir(source, partition)
-            for path in self._manifests(base):
+            manifests = self._manifests(base)
+            self._next_seq[key] = self._seq_after(manifests)
+            for path in manifests:
                 try:
                     result = self._read(base, path)
                     break

@@ -45,8 +45,10 @@ class KeyedTable:
         """A left join of `keys` (frame with the key columns) on the table: nulls where absent."""
         self._expire()
         wanted = keys.select(self.key)
-        return wanted.join(self._frame.drop(TOUCHED), on=self.key, how="left", maintain_order="left",
-                           nulls_equal=True)
+        if self._frame.height == 0 and not self.schema:  # no rows yet, so no columns to give
+            return wanted
+        table = self._frame.drop(TOUCHED, strict=False)
+        return wanted.join(table, on=self.key, how="left", maintain_order="left", nulls_equal=True)
 
     def put(self, rows: pl.DataFrame) -> None:
         """Upsert rows by key (the last row of a key wins)."""
@@ -66,7 +68,7 @@ class KeyedTable:
         if self._frame.height == 0 and not self.schema:
             self._frame = rows  # the first rows set the columns' types
         else:
-            kept = self._frame.join(rows.select(self.key), on=self.key, how="anti", nulls_equal=True)
+            kept = self._frame.filter(~self._among(rows))
             self._frame = pl.concat([kept, rows], how="diagonal_relaxed")
         self._changed.append(rows.select(self.key))
         self._expire()
@@ -75,13 +77,16 @@ class KeyedTable:
         """Remove the rows of these keys (absent keys are ignored)."""
         wanted = keys.select(self.key)
         if self._frame.height:
-            self._frame = self._frame.join(wanted, on=self.key, how="anti", nulls_equal=True)
+            self._frame = self._frame.filter(~self._among(wanted))
         self._changed.append(wanted)
+
+    def _among(self, keys: pl.DataFrame) -> pl.Expr:
+        return _among(self.key, keys)
 
     def frame(self) -> pl.DataFrame:
         """The whole table."""
         self._expire()
-        return self._frame.drop(TOUCHED)
+        return self._frame.drop(TOUCHED, strict=False)
 
     # the StateStore contract's Arrow names
     def get_many(self, keys: pa.Array | pa.Table) -> pa.Table:
@@ -136,10 +141,13 @@ class KeyedTable:
                            "delta_rows": 0}
             return self._chain
         keys = pl.concat(changed, how="vertical_relaxed").unique()
-        upserts = self._frame.join(keys, on=self.key, how="semi", nulls_equal=True)
-        deleted = keys.join(self._frame, on=self.key, how="anti", nulls_equal=True)
-        delta = pl.concat([upserts.with_columns(pl.lit(False).alias(DELETED)),
-                           deleted.with_columns(pl.lit(True).alias(DELETED))], how="diagonal_relaxed")
+        if self._frame.height == 0:  # everything changed was deleted
+            delta = keys.with_columns(pl.lit(True).alias(DELETED))
+        else:
+            upserts = self._frame.filter(self._among(keys))
+            deleted = keys.join(upserts.select(self.key), on=self.key, how="anti", nulls_equal=True)
+            delta = pl.concat([upserts.with_columns(pl.lit(False).alias(DELETED)),
+                               deleted.with_columns(pl.lit(True).alias(DELETED))], how="diagonal_relaxed")
         total = prev["delta_rows"] + delta.height
         if total > max(1, self._frame.height) // 2:
             self._chain = {"kind": "keyed_table", "key": self.key, "base": self._frame, "deltas": [],
@@ -153,9 +161,20 @@ class KeyedTable:
         """Rebuild the table from a chain whose frames the checkpointer loaded."""
         frame: pl.DataFrame = saved["base"]
         for delta in saved["deltas"]:
-            frame = frame.join(delta.select(self.key), on=self.key, how="anti", nulls_equal=True)
+            if frame.height == 0:
+                frame = delta.filter(~pl.col(DELETED)).drop(DELETED)
+                continue
+            frame = frame.filter(~_among(self.key, delta))
             upserts = delta.filter(~pl.col(DELETED)).drop(DELETED)
             frame = pl.concat([frame, upserts], how="diagonal_relaxed")
         self._frame = frame
         self._changed = []
         self._chain = None  # the next snapshot writes the table in full
+
+
+def _among(key: list[str], keys: pl.DataFrame) -> pl.Expr:
+    """True for rows whose key is in `keys` (a hash set of the few keys, probed by each row)."""
+    if len(key) == 1:
+        return pl.col(key[0]).is_in(keys.get_column(key[0]).implode(), nulls_equal=True)
+    wanted = keys.select(pl.struct(key)).to_series().implode()
+    return pl.struct(key).is_in(wanted, nulls_equal=True)

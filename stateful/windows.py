@@ -46,18 +46,21 @@ class WindowStage(StageRunner):
         self.state: pl.DataFrame | None = None  # partials per key and window, or raw rows (sliding)
         self.time_dtype: pl.DataType = pl.Int64()
         self.owners = KeyOwners.for_stage(lane, node.name, self.keys)
+        self._saved: dict[str, Any] | None = None  # the last snapshot; reused while nothing changed
 
     # -- the runtime's calls --------------------------------------------------------------
     def process(self, frame: pl.DataFrame, batch: Batch) -> pl.DataFrame | None:
         """Fold a batch into the open windows; return the windows it closed."""
         if frame.height == 0:
             return None
+        self._saved = None
         self._check_columns(frame, batch)
         self.owners.claim(frame, self.lane.id)
         marked = W.with_watermarks(frame.lazy().with_columns(W.event_ms(frame, self.on)),
                                    self.max_ts, self.lateness_ms)
         needed = [*self.keys, *self.columns, W.TS, W.WM]
-        marked = marked.select(needed).with_columns(W.late_mask(self.window).alias("__late")).collect()
+        late = W.late_mask(self.window) | pl.col(W.TS).is_null()  # no event time: a dead letter too
+        marked = marked.select(needed).with_columns(late.fill_null(True).alias("__late")).collect()
         late = marked.get_column("__late")
         if late.any():
             self._dead_letter_late(frame, batch, marked)
@@ -68,17 +71,33 @@ class WindowStage(StageRunner):
         return self._emit(None if self.max_ts is None else self.max_ts - self.lateness_ms)
 
     def finish(self) -> pl.DataFrame | None:
-        """End of bounded input: the watermark jumps to the end and every window is emitted."""
-        return self._emit(2**62)
+        """End of bounded input: the watermark jumps to the end and every window is emitted.
+
+        The lane's watermark then stays past the windows emitted, so a later run that resumes
+        from this checkpoint with more input treats records for them as late (a window is
+        emitted once) instead of opening them again with a partial count.
+        """
+        out = self._emit(2**62)
+        self._saved = None
+        if out is not None and out.height:
+            ends = out.get_column("window_end")
+            last = int(ends.dt.epoch("ms").max() if isinstance(ends.dtype, pl.Datetime) else ends.max())
+            closed = last + self.lateness_ms + (1 if isinstance(self.window, Sliding) else 0)
+            self.max_ts = closed if self.max_ts is None else max(self.max_ts, closed)
+        return out
 
     def snapshot(self, checkpoint_id: str) -> dict[str, Any]:
         """The open windows' partial aggregates and the lane's event-time progress."""
+        if self._saved is not None:  # unchanged: the checkpointer reuses the files it wrote
+            return self._saved
         tz = self.time_dtype.time_zone if isinstance(self.time_dtype, pl.Datetime) else None
-        return {"kind": "window", "max_ts": self.max_ts, "state": self.state,
-                "datetime": isinstance(self.time_dtype, pl.Datetime), "time_zone": tz}
+        self._saved = {"kind": "window", "max_ts": self.max_ts, "state": self.state,
+                       "datetime": isinstance(self.time_dtype, pl.Datetime), "time_zone": tz}
+        return self._saved
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Load what `snapshot` saved."""
+        self._saved = None
         self.max_ts = saved.get("max_ts")
         self.state = saved.get("state")
         if saved.get("datetime"):
@@ -156,13 +175,16 @@ class WindowStage(StageRunner):
             self.time_dtype = pl.Datetime("ms", dtype.time_zone)
 
     def _dead_letter_late(self, frame: pl.DataFrame, batch: Batch, marked: pl.DataFrame) -> None:
-        """Late records go to the dead letters with their event time and the watermark."""
+        """Late records (and records without an event time) go to the dead letters with the reason."""
         indices = marked.with_row_index("__i").filter(pl.col("__late")).select("__i", W.TS, W.WM)
         letters = []
         for i, ts, wm in indices.head(_MAX_LATE_LETTERS).iter_rows():
             offset, row = self.lane.row_offset(frame, batch, i)
-            reason = (f"late: event time {ts} ms is behind the watermark {wm} ms "
-                      f"(allowed_lateness={self.lateness_ms} ms); its window already closed")
+            if ts is None:
+                reason = f"no event time: column {self.on!r} is null, so no window can hold the record"
+            else:
+                reason = (f"late: event time {ts} ms is behind the watermark {wm} ms "
+                          f"(allowed_lateness={self.lateness_ms} ms); its window already closed")
             letters.append(DeadLetter(self.node.name, batch.source, batch.partition, offset, reason,
                                       row_payload(frame.slice(i, 1)), row))
         if indices.height > _MAX_LATE_LETTERS:

@@ -88,6 +88,14 @@ class Sink(ABC):
         """The writer one lane uses; lanes run on threads, so a shared sink must lock."""
         return self
 
+    def replayed_until(self) -> Position:
+        """The last source offset this lane's writer already committed (None: unknown).
+
+        A restarted lane cuts its batches there, so a sink that drops replayed rows by
+        offset never sees a batch straddling it (exactly-once table sinks use this).
+        """
+        return None
+
     @abstractmethod
     def write(self, batch: Batch) -> None:
         """Accept a batch; it may be buffered until flush."""

@@ -102,6 +102,9 @@ class Lane:
                 assert isinstance(node.connector, Sink)
                 self.writers[node.name] = node.connector.for_lane(self.id)
         self.dlq_writer = runtime.dead_letter_sink.for_lane(self.id)
+        # where sinks' committed rows end: a replay cuts batches there (see Sink.replayed_until)
+        self._replay_cuts = sorted({e for w in self.writers.values()
+                                    if isinstance(e := getattr(w, "replayed_until", lambda: None)(), int)})
         self._letters: list[DeadLetter] = []
         self._source_frame: pl.DataFrame | None = None  # rows map 1:1 to offsets
         self.last_commit = time.monotonic()
@@ -132,7 +135,7 @@ class Lane:
             return DONE
         before = self.position
         try:
-            data = self.reader.next_batch(self.rt.batch_rows)
+            data = self.reader.next_batch(self._max_rows(before))
         except EndOfInput:
             self._take_rejects()
             self.run_plan({}, Batch(pl.DataFrame(), self.source.name, self.partition, before, before),
@@ -162,6 +165,14 @@ class Lane:
         self._flush_letters()
         self._commit_if_due()
         return PROGRESS
+
+    def _max_rows(self, before: Position) -> int:
+        """The batch size; while replaying, a batch ends where a sink's committed rows end."""
+        if self._replay_cuts and isinstance(before, int):
+            for cut in self._replay_cuts:
+                if cut >= before:
+                    return max(1, min(self.rt.batch_rows, cut - before + 1))
+        return self.rt.batch_rows
 
     def run_plan(self, outputs: dict[str, list[pl.DataFrame]], batch: Batch, *, final: bool = False) -> None:
         """Push frames through the stages and sinks downstream, in topological order."""

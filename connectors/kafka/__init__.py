@@ -23,7 +23,7 @@ def topic(name: str | Sequence[str], format: str = "json", *, schema: Any = None
           group: str | None = None, start: str = "committed", include: Sequence[str] = (),
           brokers: str | None = None, create: bool = False, partitions: int = 1,
           transactional: bool = False, timeout: str | float = "10s", consume_batch: int = 10_000,
-          queue_messages: int = 100_000, max_message_bytes: int = 900_000, delivery_retries: int = 2,
+          queue_messages: int = 50_000, max_message_bytes: int = 900_000, delivery_retries: int = 2,
           config: Mapping[str, Any] | None = None, **client_config: Any) -> KafkaTopic:
     """A Kafka topic (or, as a source, several): a source when given to p.source, a sink to .sink.
 

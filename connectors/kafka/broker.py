@@ -63,28 +63,6 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, timeout_
     raise StreamfnError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:g}s")
 
 
-def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    """SIGTERM a process we started, SIGKILL it if it is still there after timeout_s."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # not our child, or already reaped
-            return
-        if done:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """SIGTERM a child we started (by its PID), SIGKILL it if it is still there after timeout_s."""
     if proc.poll() is not None:

@@ -115,7 +115,7 @@ class Decoder:
 
     def _check(self, value: bytes) -> str | None:
         if not value:
-            return "empty message value"
+            return "empty message value (or a tombstone)"
         if self.fmt == "csv":
             return "a CSV value must be one line" if b"\n" in value.rstrip(b"\r\n") else None
         try:
@@ -160,9 +160,9 @@ def _one_line(value: bytes) -> bytes:
 def encode_rows(fmt: str, frame: pl.DataFrame) -> list[bytes]:
     """One value per row: JSON objects, CSV lines (no header) or the raw `value` column."""
     if fmt == "json":
-        return _split_lines(frame.write_ndjson().encode(), frame, fmt)
+        return _split_lines(frame.write_ndjson().encode(), frame)
     if fmt == "csv":
-        return _split_lines(frame.write_csv(include_header=False).encode(), frame, fmt)
+        return _split_lines(frame.write_csv(include_header=False).encode(), frame)
     if "value" not in frame.columns:
         raise ConfigError(f"a raw Kafka sink writes the 'value' column; the rows have {frame.columns}")
     column = frame.get_column("value")
@@ -173,7 +173,7 @@ def encode_rows(fmt: str, frame: pl.DataFrame) -> list[bytes]:
     return [v if v is not None else b"" for v in column.to_list()]
 
 
-def _split_lines(data: bytes, frame: pl.DataFrame, fmt: str) -> list[bytes]:
+def _split_lines(data: bytes, frame: pl.DataFrame) -> list[bytes]:
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -184,19 +184,26 @@ def _split_lines(data: bytes, frame: pl.DataFrame, fmt: str) -> list[bytes]:
 
 
 def encode_arrow(frame: pl.DataFrame, max_bytes: int) -> list[bytes]:
-    """Arrow IPC stream messages of at most about `max_bytes` each (a batch, split by rows)."""
-    if frame.height == 0:
-        return []
-    per_row = max(1, frame.estimated_size() // frame.height)
-    rows = max(1, max_bytes // per_row)
+    """Arrow IPC stream messages of at most `max_bytes` each (a batch, split by rows)."""
+    table = frame.to_arrow()  # once: converting each slice costs as much as the whole frame
     out: list[bytes] = []
-    for start in range(0, frame.height, rows):
-        table = frame.slice(start, rows).to_arrow()
-        sink = pa.BufferOutputStream()
-        with ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        out.append(sink.getvalue().to_pybytes())
+    start = 0
+    rows: int = max(1, max_bytes // max(1, int(table.nbytes) // max(1, table.num_rows)))
+    while start < table.num_rows:
+        message = _ipc(table.slice(start, rows))
+        if len(message) > max_bytes and rows > 1:  # the estimate was low: shrink and try again
+            rows = max(1, int(rows * max_bytes / len(message) * 0.95))
+            continue
+        out.append(message)
+        start += rows
     return out
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
 
 
 def key_strings(frame: pl.DataFrame, key: str | None) -> Sequence[str | None] | None:

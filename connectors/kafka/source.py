@@ -15,13 +15,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 
 from streamfn.batch import Position
+from streamfn.connectors.kafka.chunks import Chunk, PartitionQueue, make_chunk
 from streamfn.connectors.kafka.codec import Decoder
+from streamfn.connectors.kafka.reader import KafkaPartition
 from streamfn.connectors.kafka.topics import kafka
-from streamfn.contracts import Reject, SourcePartition
-from streamfn.errors import ConfigError, EndOfInput, StreamfnError
+from streamfn.contracts import SourcePartition
+from streamfn.errors import ConfigError, StreamfnError
 
 if TYPE_CHECKING:
     from streamfn.connectors.kafka.topic import KafkaTopic
@@ -29,45 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamfn.kafka")
 
-INCLUDE = ("key", "partition", "offset", "timestamp", "headers")
-_COMMIT_LOST = {"REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "_STATE", "_NO_OFFSET",
-                "_ASSIGNMENT_LOST", "FENCED_INSTANCE_ID"}
-
-
-class PartitionQueue:
-    """Messages of one partition waiting for its lane: a bounded queue of consume() slices."""
-
-    def __init__(self, topic: str, partition: int, name: str) -> None:
-        self.topic, self.partition, self.name = topic, partition, name
-        self.lock = threading.Lock()
-        self.chunks: deque[list[Any]] = deque()
-        self.queued = 0
-        self.paused = False
-        self.ended = False  # the lane raised EndOfInput (until-idle)
-        self.lost = False  # the group gave it to another member without a revoke: do not commit
-        self.target: int | None = None  # the high watermark to read up to (until-idle)
-
-    def put(self, messages: list[Any]) -> None:
-        with self.lock:
-            self.chunks.append(messages)
-            self.queued += len(messages)
-
-    def take(self, max_rows: int) -> list[Any]:
-        """Up to max_rows messages, oldest first."""
-        out: list[Any] = []
-        with self.lock:
-            while self.chunks and len(out) < max_rows:
-                chunk = self.chunks.popleft()
-                room = max_rows - len(out)
-                if len(chunk) > room:
-                    self.chunks.appendleft(chunk[room:])
-                    chunk = chunk[:room]
-                if out:
-                    out.extend(chunk)
-                else:
-                    out = chunk
-            self.queued -= len(out)
-        return out
 
 
 class SourceSide:
@@ -188,11 +150,33 @@ class SourceSide:
                 if error is not None and error.code() != kafka().KafkaError._PARTITION_EOF:
                     self._on_message_error(error)
             return
-        queue.put(messages)
+        if any(map(kafka().Message.error, messages)):
+            self._route_events(queue, messages)
+        else:
+            queue.put(make_chunk(messages, self.owner.include))
         if queue.target is None and self.ctx is not None and self.ctx.until_idle:
             self._set_target(queue)
         if self.ctx is not None:
             self.ctx.wake(self.owner, queue.name)
+
+    def _route_events(self, queue: PartitionQueue, messages: list[Any]) -> None:
+        """Messages mixed with events: data runs become chunks, end-of-partition events end marks."""
+        eof_code = kafka().KafkaError._PARTITION_EOF
+        run: list[Any] = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                run.append(message)
+                continue
+            if run:
+                queue.put(make_chunk(run, self.owner.include))
+                run = []
+            if error.code() == eof_code:
+                queue.put(Chunk([], message.offset(), eof=True))
+            else:
+                self._on_message_error(error)
+        if run:
+            queue.put(make_chunk(run, self.owner.include))
 
     def _set_target(self, queue: PartitionQueue) -> None:
         """Until-idle reads up to the high watermark seen in the first fetch (right on every broker,
@@ -236,17 +220,12 @@ class SourceSide:
     def _assign(self, consumer: Any, partitions: list[Any]) -> None:
         if self._closing or self.ctx is None or self.ctx.stopping:
             return
-        committed: dict[str, int] = {}
-        if partitions and self.owner.start_at == "committed":
-            for tp in consumer.committed(partitions, timeout=self.owner.timeout_s):
-                if tp.error is None and tp.offset >= 0:
-                    committed[self.owner.partition_name(tp.topic, tp.partition)] = tp.offset
         names = {}
         for tp in partitions:
             name = self.owner.partition_name(tp.topic, tp.partition)
             names[name] = tp
             self.queues[name] = PartitionQueue(tp.topic, tp.partition, name)
-        self._committed = committed
+        self._committed = self._start_offsets(consumer, partitions)
         self._opened: dict[str, int | None] = {}
         self.ctx.add_partitions(self.owner, dict.fromkeys(names))  # the runtime asks its checkpoint first
         for name, tp in names.items():
@@ -259,6 +238,25 @@ class SourceSide:
         self._assigned_once = True
         log.info("kafka partitions assigned", extra={"source": self.owner.describe(), "group": self.owner.group,
                                                      "partitions": ",".join(names) or "none"})
+
+    def _start_offsets(self, consumer: Any, partitions: list[Any]) -> dict[str, int]:
+        """Where each partition starts without a checkpoint: the committed offset, else (when
+        reading from the earliest) the low watermark, so the first batch's offsets are known."""
+        found: dict[str, int] = {}
+        if partitions and self.owner.start_at == "committed":
+            for tp in consumer.committed(partitions, timeout=self.owner.timeout_s):
+                if tp.error is None and tp.offset >= 0:
+                    found[self.owner.partition_name(tp.topic, tp.partition)] = tp.offset
+        earliest = self.owner.start_at == "earliest" or (
+            self.owner.start_at == "committed" and self.owner.consumer_conf.get("auto.offset.reset") in
+            ("earliest", "smallest", "beginning"))
+        for tp in partitions if earliest else ():
+            name = self.owner.partition_name(tp.topic, tp.partition)
+            if name not in found:
+                low, _ = consumer.get_watermark_offsets(kafka().TopicPartition(tp.topic, tp.partition),
+                                                        timeout=self.owner.timeout_s)
+                found[name] = low  # low watermarks are right on every broker tested (high ones are not)
+        return found
 
     def _logical_start(self) -> int:
         k = kafka()
@@ -334,105 +332,6 @@ class SourceSide:
         return all(q.ended for q in list(self.queues.values()))
 
 
-class KafkaPartition(SourcePartition):
-    """One assigned partition, read from its queue in blocks."""
-
-    def __init__(self, side: SourceSide, queue: PartitionQueue, start: int | None) -> None:
-        self.side = side
-        self.queue = queue
-        self._position = start
-        self._eof = False
-        self._rejects: list[Reject] = []
-        self._closed = False
-
-    def next_batch(self, max_rows: int) -> pl.DataFrame | None:
-        self.side.check()
-        messages = self.queue.take(max_rows)
-        if not messages:
-            if self.side.ctx is not None and self.side.ctx.until_idle and self._at_end():
-                self.queue.ended = True
-                raise EndOfInput()
-            return None
-        values = [m.value() for m in messages]
-        if None in values or any(map(kafka().Message.error, messages)):  # EOF events, errors, tombstones
-            messages, values = self._sort_out(messages, values)
-            if not messages:
-                return None
-        self._position = messages[-1].offset() + 1
-        self._eof = False
-        frame, rejected, rows = self.side.decoder.decode(values)
-        for index, reason in rejected:
-            message = messages[index]
-            self._rejects.append(Reject(message.offset(), values[index], reason))
-        if self.side.owner.include:
-            frame = self._with_metadata(frame, messages, {i for i, _ in rejected}, rows)
-        return frame
-
-    def _at_end(self) -> bool:
-        if self._eof:
-            return True
-        target = self.queue.target
-        return target is not None and self._position is not None and self._position >= target
-
-    def _sort_out(self, messages: list[Any], values: list[Any]) -> tuple[list[Any], list[bytes]]:
-        kept, kept_values = [], []
-        eof_code = kafka().KafkaError._PARTITION_EOF
-        for message, value in zip(messages, values):
-            error = message.error()
-            if error is not None:
-                if error.code() == eof_code:
-                    self._eof = True
-                    if self._position is None or message.offset() > self._position:
-                        self._position = message.offset()
-                    continue
-                self.side._on_message_error(error)
-                continue
-            self._eof = False
-            if value is None:
-                self._rejects.append(Reject(message.offset(), b"", "message has no value (a tombstone)"))
-                self._position = message.offset() + 1
-                continue
-            kept.append(message)
-            kept_values.append(value)
-        return kept, kept_values
-
-    def _with_metadata(self, frame: pl.DataFrame, messages: list[Any], bad: set[int],
-                       rows: list[int] | None) -> pl.DataFrame:
-        good = [m for i, m in enumerate(messages) if i not in bad] if bad else messages
-        columns: dict[str, pl.Series] = {}
-        for what in self.side.owner.include:
-            columns[f"kafka_{what}"] = _metadata(what, good)
-        meta = pl.DataFrame(columns)
-        if rows is not None:  # Arrow: one message holds many rows
-            meta = meta.select(pl.all().repeat_by(pl.Series(rows, dtype=pl.UInt32)).explode()) if rows else meta
-        return pl.concat([frame, meta.slice(0, frame.height)], how="horizontal")
-
-    def position(self) -> Position:
-        return self._position
-
-    def take_rejects(self) -> list[Reject]:
-        rejects, self._rejects = self._rejects, []
-        return rejects
-
-    def commit(self, position: Position) -> None:
-        """Commit the group offset (the next offset to read) of this partition."""
-        if position is None or self.queue.lost or self.side.consumer is None:
-            return
-        tp = kafka().TopicPartition(self.queue.topic, self.queue.partition, int(position))
-        try:
-            self.side.call(lambda consumer: consumer.commit(offsets=[tp], asynchronous=False))
-        except kafka().KafkaException as exc:
-            error = exc.args[0]
-            if error.name() not in _COMMIT_LOST:
-                raise StreamfnError(f"committing offset {position} of {self.queue.name} failed: {error.str()}") from exc
-            log.warning("offset commit refused (the partition moved to another worker); its records after the "
-                        "last commit will be read again there", extra={"partition": self.queue.name,
-                                                                        "offset": position, "error": error.str()})
-
-    def close(self) -> None:
-        self._closed = True
-
-
 class _Request:
     """A call waiting for the poller thread."""
 
@@ -452,16 +351,3 @@ class _Request:
     def cancel(self, exc: BaseException) -> None:
         self.error = exc
         self.done.set()
-
-
-def _metadata(what: str, messages: list[Any]) -> pl.Series:
-    if what == "key":
-        return pl.Series([m.key() for m in messages], dtype=pl.Binary)
-    if what == "partition":
-        return pl.Series([m.partition() for m in messages], dtype=pl.Int32)
-    if what == "offset":
-        return pl.Series([m.offset() for m in messages], dtype=pl.Int64)
-    if what == "timestamp":
-        return pl.Series([m.timestamp()[1] for m in messages], dtype=pl.Int64).cast(pl.Datetime("ms", "UTC"))
-    headers = [[{"key": k, "value": v} for k, v in (m.headers() or [])] for m in messages]
-    return pl.Series(headers, dtype=pl.List(pl.Struct({"key": pl.String, "value": pl.Binary})))

@@ -42,7 +42,7 @@ class KafkaTopic(Source, Sink):
                  partitions: int, transactional: bool, timeout: str | float, consume_batch: int,
                  queue_messages: int, max_message_bytes: int, delivery_retries: int,
                  client_config: Mapping[str, Any]) -> None:
-        from streamfn.connectors.kafka.source import INCLUDE
+        from streamfn.connectors.kafka.chunks import INCLUDE
 
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         if not self.topics or not all(isinstance(t, str) and t for t in self.topics):

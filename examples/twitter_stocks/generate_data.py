@@ -63,7 +63,7 @@ NO_TICKER = ("Markets are wild today, no idea what to buy", "Coffee first, chart
 
 def trading_minutes() -> list[datetime]:
     """Every exchange minute of the generated days, as UTC times."""
-    out = []
+    out: list[datetime] = []
     for day in DAYS:
         start = datetime.fromisoformat(day).replace(hour=OPEN_UTC[0], minute=OPEN_UTC[1], tzinfo=timezone.utc)
         out.extend(start + timedelta(minutes=m) for m in range(MINUTES))

@@ -19,6 +19,7 @@ Settings (environment variables, or `--set KEY=VALUE`):
     RUN_DIR              checkpoints and dead letters (default .streamfn/twitter_stocks)
     OUTPUT_DIR           the Parquet output (default RUN_DIR/output)
     SERVE_AFTER_REPLAY   1: keep answering GET /symbols/{symbol} after the replay, until Ctrl-C
+    TOPIC_PREFIX         put before the Kafka topic names (default none)
     --port               where GET /symbols/{symbol} listens (default 8080)
 
 Every run replays the data from the start, so it starts without state and rewrites its output.
@@ -48,6 +49,7 @@ SPEEDUP = float(os.environ.get("REPLAY_SPEEDUP", "6000"))
 TICK_S = parse_duration_s(os.environ.get("REPLAY_TICK", "0.2s"))
 THRESHOLD = sentiment.threshold_from_env()
 SERVE_AFTER_REPLAY = os.environ.get("SERVE_AFTER_REPLAY", "") in ("1", "true", "yes")
+TOPIC_PREFIX = os.environ.get("TOPIC_PREFIX", "")
 QUOTE_PARTITIONS = 4
 
 POST_SCHEMA = {"id": pl.Int64, "ts": pl.String, "user": pl.String, "text": pl.String}
@@ -71,8 +73,9 @@ quotes_feed = p.source(cron.every(TICK_S, replay.next_quotes, max_runs=replay.qu
 posts_feed = p.source(cron.every(TICK_S, replay.next_posts, max_runs=replay.post_ticks, name="posts_replay"))
 
 # ...and publish it to Kafka, where the market-data and social feeds would be
-quotes_feed.sink(kafka.topic("quotes", key="symbol", create=True, partitions=QUOTE_PARTITIONS), name="quotes_topic")
-posts_feed.sink(kafka.topic("posts", format="raw", create=True), name="posts_topic")
+quotes_feed.sink(kafka.topic(f"{TOPIC_PREFIX}quotes", key="symbol", create=True, partitions=QUOTE_PARTITIONS),
+                 name="quotes_topic")
+posts_feed.sink(kafka.topic(f"{TOPIC_PREFIX}posts", format="raw", create=True), name="posts_topic")
 
 
 # -- 2. prices per symbol and minute ----------------------------------------------------------------
@@ -159,8 +162,8 @@ def symbol_windows(df: pl.DataFrame) -> pl.DataFrame:
 
 
 # -- 5. GET /symbols/{symbol}: the latest joined window of a symbol, from the join's state ----------
-class SymbolsEndpoint(http.HttpSource):
-    """The HTTP trigger; it stops taking requests once the replay is over (unless SERVE_AFTER_REPLAY=1)."""
+class ServeWhileReplaying(http.HttpSource):
+    """An http.endpoint that stops taking requests once the replay is over (unless SERVE_AFTER_REPLAY=1)."""
 
     feeds: tuple[sf.Source, ...] = ()
 
@@ -169,9 +172,8 @@ class SymbolsEndpoint(http.HttpSource):
         return super().finished_accepting() or (replayed and not SERVE_AFTER_REPLAY)
 
 
-endpoint = SymbolsEndpoint("/symbols/*", port=None, host=None, methods=["GET"], schema=None, events=True,
-                           lanes=1, max_wait_s=0.005, max_batch_rows=1000, max_body_bytes=1 << 16,
-                           max_pending=1000, timeout_s=10.0, max_requests=None)
+endpoint = http.endpoint("/symbols/*", method="GET", events=True, timeout="10s")
+endpoint.__class__ = ServeWhileReplaying  # the endpoint as http.endpoint() made it, plus when to stop
 endpoint.feeds = (quotes_feed.connector, posts_feed.connector)  # type: ignore[assignment]
 symbol_requests = p.source(endpoint, name="symbol_requests")
 
@@ -194,8 +196,9 @@ def answer(df: pl.DataFrame) -> pl.DataFrame:
     if "window_start" not in df.columns:  # nothing joined yet: the join's table is still empty
         df = df.with_columns(pl.lit(None).alias(column) for column in ANSWER if column not in df.columns)
     found = pl.col("window_start").is_not_null()
-    missing = pl.concat_str([pl.lit('{"error": "no joined window for '),
-                             pl.col("symbol").fill_null("that path"), pl.lit(' yet"}')])
+    missing = pl.when(pl.col("symbol").is_null()) \
+        .then(pl.lit('{"error": "ask for /symbols/{symbol}, e.g. /symbols/AAPL"}')) \
+        .otherwise(pl.concat_str([pl.lit('{"error": "no joined window for '), pl.col("symbol"), pl.lit(' yet"}')]))
     return df.with_columns(
         _http_status=pl.when(found).then(200).otherwise(404),
         _http_body=pl.when(found).then(pl.struct(ANSWER).struct.json_encode()).otherwise(missing).cast(pl.Binary),
@@ -211,7 +214,8 @@ prices.sink(partitioned_parquet(os.path.join(OUTPUT, "prices"), by=["date", "sym
             name="prices_parquet")
 symbol_windows.sink(partitioned_parquet(os.path.join(OUTPUT, "joined"), by=["date", "symbol"], replace=True),
                     name="joined_parquet")
-symbol_windows.sink(kafka.topic("symbol_windows", key="symbol", create=True), name="symbol_windows_topic")
+symbol_windows.sink(kafka.topic(f"{TOPIC_PREFIX}symbol_windows", key="symbol", create=True),
+                    name="symbol_windows_topic")
 p.sink(summary_table(title=f"twitter_stocks: per symbol (sentiment threshold {THRESHOLD:g})", footer=[
     f"Parquet output: {os.path.abspath(OUTPUT)}/prices and .../joined (by date and symbol)",
     f"plot it: python {os.path.relpath(HERE / 'report.py')} --output {OUTPUT}",

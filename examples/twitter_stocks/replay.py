@@ -58,7 +58,7 @@ class Replay:
         first_day = quotes["ts"].min().date()  # type: ignore[union-attr]
         self.quotes = quotes.with_columns(_slice_of(pl.col("ts"), first_day, self.step_s).alias("__slice"))
         self.posts = posts.with_columns(_slice_of(pl.col("ts"), first_day, self.step_s).alias("__slice"))
-        slices = int(max(self.quotes["__slice"].max(), self.posts["__slice"].max())) + 1  # type: ignore[arg-type]
+        slices = int(pl.concat([self.quotes["__slice"], self.posts["__slice"]]).max()) + 1  # type: ignore[arg-type]
         self.quote_ticks = slices
         self.post_ticks = slices + POSTS_LAG_TICKS
         self._quote_tick = 0

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
-
 import polars as pl
 
 from streamfn._optional import import_optional
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUTPUT = os.environ.get("OUTPUT_DIR", ".streamfn/twitter_stocks/output")
+DEFAULT_OUTPUT = os.environ.get("OUTPUT_DIR",  # where pipeline.py writes, with the same settings
+                                os.path.join(os.environ.get("RUN_DIR", ".streamfn/twitter_stocks"), "output"))
 SENTIMENT_BUCKET = "30m"
 
 

@@ -2,7 +2,7 @@
 
 - `partitioned_parquet(url, by=[...])`: Parquet files in Hive folders (`date=2026-03-02/symbol=AAPL/`),
   published atomically at each checkpoint like `files.parquet` (it reuses its per-lane writer).
-- `summary_table(...)`: keeps the latest window and running totals per symbol and prints them
+- `summary_table(...)`: the last price, the VWAP and the post sentiment per symbol, printed
   as a table when the run ends.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import TextIO
+from urllib.parse import quote
 
 import fsspec
 import polars as pl
@@ -39,7 +40,7 @@ class _LanePartitions(Sink):
             raise ConfigError(f"partitioned_parquet: the rows have no column(s) {missing} to partition by; "
                               f"they have {frame.columns}")
         for values, part in frame.partition_by(self.parent.by, as_dict=True, maintain_order=True).items():
-            folder = "/".join(f"{k}={v}" for k, v in zip(self.parent.by, values))
+            folder = "/".join(f"{k}={quote(str(v), safe='')}" for k, v in zip(self.parent.by, values))
             writer = self._writers.get(folder)
             if writer is None:
                 writer = self._writers[folder] = self.parent.writer(folder, self.lane)
@@ -167,14 +168,35 @@ class SummaryTable(Sink):
 
     def close(self) -> None:
         out = self.out or sys.stdout
-        with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
-                       tbl_formatting="ASCII_MARKDOWN"):
-            print(f"\n{self.title}\n{self.table()}", file=out)
+        table = markdown(self.table(), decimals={"last price": 2, "VWAP": 2, "sentiment": 3})
+        print(f"\n{self.title}\n{table}", file=out)
         print(f"{self._windows:,} sentiment windows, {self._with_price:,} of them joined to a price window "
               "(the others: minutes with posts but no trade)", file=out)
         for line in self.footer:
             print(line, file=out)
         out.flush()
+
+
+def markdown(frame: pl.DataFrame, decimals: dict[str, int] | None = None) -> str:
+    """A frame as a Markdown table (text left, numbers right), whatever the terminal's width."""
+    places = [(decimals or {}).get(name) for name in frame.columns]
+
+    def text(value: object, digits: int | None) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float) and digits is not None:
+            return f"{value:,.{digits}f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    cells = [[text(v, d) for v, d in zip(row, places)] for row in frame.iter_rows()]
+    numeric = [dtype.is_numeric() for dtype in frame.dtypes]
+    widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(frame.columns)]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if n else "-" * (w + 2) for w, n in zip(widths, numeric)) + "|"
+    return "\n".join([line(list(frame.columns)), rule, *(line(row) for row in cells)])
 
 
 def summary_table(*, title: str, footer: Sequence[str] = ()) -> SummaryTable:

@@ -25,12 +25,13 @@ if TYPE_CHECKING:
     from streamfn.pipeline import Pipeline
     from streamfn.runtime import Runtime
 
-__all__ = ["Observation", "Observer", "observer_for", "start"]
+__all__ = ["Observation", "Observer", "current", "observer_for", "start"]
 
 log = logging.getLogger("streamfn.observe")
 
 _pending: dict[int, "Observation"] = {}  # id(pipeline) -> the observation its next runtime joins
 _pending_lock = threading.Lock()
+_running: dict[str, "Observation"] = {}  # pipeline name -> the observation of its run in this process
 
 
 class Observation:
@@ -43,6 +44,7 @@ class Observation:
 
         self.pipeline = pipeline
         self.implicit = implicit
+        self._closed = False
         self.runtime: "Runtime | None" = None
         self.observer: Observer | None = None
         self._owned_tracer: Any = None  # a provider made here from OTEL_* (shut down on close)
@@ -74,7 +76,11 @@ class Observation:
             from streamfn.observe.status import StatusServer, prometheus_address
 
             host, port = prometheus_address(metrics_host, metrics_port)
-            self.server = StatusServer(self, host=host, port=port)
+            try:
+                self.server = StatusServer(self, host=host, port=port)
+            except BaseException:  # the port is taken: release the exporters' threads, then say so
+                self.close()
+                raise
         if progress and not quiet:
             from streamfn.observe.progress import Progress
 
@@ -103,6 +109,8 @@ class Observation:
             observer = Observer(runtime)
         observer.observation = self
         self.runtime, self.observer = runtime, observer
+        with _pending_lock:
+            _running[self.pipeline.name] = self
         if self.monitor is not None:
             self.monitor.start()
         if self.progress is not None:
@@ -127,10 +135,15 @@ class Observation:
                 flush()
 
     def close(self) -> None:
-        """Stop serving, stop the progress view, flush and shut down the exporters."""
+        """Stop serving, stop the progress view, flush and shut down the exporters (once)."""
+        if self._closed:
+            return
+        self._closed = True
         with _pending_lock:
             if _pending.get(id(self.pipeline)) is self:
                 del _pending[id(self.pipeline)]
+            if _running.get(self.pipeline.name) is self:
+                del _running[self.pipeline.name]
         if self.progress is not None:
             self.progress.close()
         if self.monitor is not None:
@@ -149,6 +162,16 @@ class Observation:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def current(pipeline: str) -> Observation | None:
+    """The observation of a pipeline's run in this process (by name), if one is open.
+
+    The HTTP trigger uses it to answer /metrics, /status and / on its own port too:
+    `streamfn.observe.status.respond(current(ctx.pipeline), path)`.
+    """
+    with _pending_lock:
+        return _running.get(pipeline)
 
 
 def start(target: "Pipeline | Runtime", *, metrics_port: int | None = None, metrics_host: str | None = None,

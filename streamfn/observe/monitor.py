@@ -89,7 +89,8 @@ class Monitor:
             rate_in, rate_out = rates.get(node.name, (0.0, 0.0))
             nodes.append({
                 "name": node.name, "kind": node.kind, "upstreams": [u.name for u in node.upstreams],
-                "engine": node.options.get("engine") if node.kind == "stage" else None,
+                "engine": (observer.engines.get(node.name) or node.options.get("engine")) if node.kind == "stage"
+                else None,
                 "describe": node.connector.describe() if node.connector is not None else None,
                 "rows_in": stats.rows_in, "rows_out": stats.rows_out, "errors": stats.errors,
                 "batches": stats.batches, "seconds": round(stats.seconds, 6),

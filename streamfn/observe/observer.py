@@ -53,6 +53,7 @@ class Observer:
         self._checkpoints: dict[str, CheckpointInfo] = {}
         self._last_checkpoint: tuple[str, CheckpointInfo] | None = None
         self._dead_letters = 0
+        self.engines: dict[str, str] = {}
         self.observation: Any = None  # the streamfn.observe.Observation this observer reports to
 
     # -- the run ------------------------------------------------------------------------------
@@ -71,6 +72,10 @@ class Observer:
         """A lane was opened for a source partition."""
         with self._lock:
             self._lanes[lane.id] = lane
+            for name, runner in lane.runners.items():  # the engine each stage runs on (cpu, gpu-cudf...)
+                engine = getattr(runner, "engine", None)
+                if isinstance(engine, str):
+                    self.engines[name] = engine
 
     def lane_closed(self, lane: "Lane") -> None:
         """A lane closed: fold its counts into the totals and forget its gauges."""

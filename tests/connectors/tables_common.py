@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
 import os
 import signal
@@ -79,8 +80,58 @@ def run_killed_then_restarted(target: str, input_path: str, tmp: str, options: d
         after_kill()
     second = dict(options, _delay_s=0.0, _run_dir=os.path.join(tmp, "run"))
     subprocess.run([*args, json.dumps(second)], cwd=ROOT, env=child_env, check=True, timeout=300)
+    letters = glob.glob(os.path.join(tmp, "run", "dead_letters", "*"))
+    assert not letters, f"the job wrote dead letters: {letters}"
 
 
 def sort_frame(df: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
     """Rows in a fixed order and columns in the given order, to compare tables."""
     return df.select(cols).sort(cols)
+
+
+def produce_ticks(bootstrap: str, topic: str, source_path: str, partitions: int = 2) -> None:
+    """Write the ticks of an NDJSON file to a new topic, keyed by symbol."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                                  config={"retention.ms": "-1", "retention.bytes": "-1"})])[topic].result(10)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    with open(source_path, "rb") as fh:
+        for line in fh:
+            producer.produce(topic, line.rstrip(b"\n"), key=json.loads(line)["symbol"].encode())
+            producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+class FlakyProxy:
+    """A TCP proxy to a loopback port, in its own process: down() kills it, up() restarts it."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._proc: subprocess.Popen | None = None
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        """Start forwarding (again)."""
+        self._proc = subprocess.Popen([sys.executable, "-m", "tests.connectors._proxy", str(self.port),
+                                       str(self.target_port)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert self._proc.stdout is not None and self._proc.stdout.readline().strip() == b"ready"
+
+    def down(self) -> None:
+        """Cut every connection and refuse new ones."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc.stdout.close()
+            self._proc = None

@@ -123,3 +123,50 @@ def test_kill_9_in_the_middle_then_restart_gives_each_row_once(tmp_path, tables_
     back = read(url, str(tmp_path / "r"))
     assert back.height == want.height
     assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))
+
+
+def test_table_source_passes_the_contract_kit(tmp_path, run_dir):
+    from streamfn.sourcekit import check_source
+
+    url = str(tmp_path / "kit")
+    write("kit", run_dir, pl.DataFrame({"x": list(range(40))}), delta.table(url))
+    assert sorted(check_source(delta.table(url), expected_rows=40)["x"].to_list()) == list(range(40))
+
+
+def test_kill_9_in_a_kafka_fed_run_then_restart_gives_each_row_once(tmp_path, kafka_tansu):
+    import json
+
+    from tests.connectors.tables_common import produce_ticks
+
+    source = ticks_file(str(tmp_path / "ticks.jsonl"), 40_000)
+    topic = kafka_tansu.topic_name("ticks")
+    produce_ticks(kafka_tansu.bootstrap, topic, source)
+    url = str(tmp_path / "kafka-ticks")
+    env = {"TABLES_JOB_SETTINGS": json.dumps(kafka_tansu.run_settings())}
+    run_killed_then_restarted("delta", f"kafka:{topic}", str(tmp_path), {"url": url}, env=env,
+                              kill_after_batches=6)
+    want = job.expected(source)
+    back = read(url, str(tmp_path / "r"))
+    assert back.height == want.height
+    assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))
+
+
+def test_store_down_for_a_while_then_back(tables_s3, tables_bucket, run_dir):
+    import threading
+
+    from tests.connectors.tables_common import FlakyProxy
+
+    proxy = FlakyProxy(int(tables_s3.rsplit(":", 1)[1]))
+    opts = {"AWS_ENDPOINT_URL": proxy.url, "AWS_ALLOW_HTTP": "true", "max_retries": "1", "retry_timeout": "1s"}
+    url = f"s3://{tables_bucket}/flaky/t"
+    write("flaky0", run_dir, pl.DataFrame({"x": [-1]}), delta.table(url, storage_options=opts))
+    proxy.down()
+    restarter = threading.Timer(1.0, proxy.up)
+    restarter.start()
+    try:
+        write("flaky", run_dir, pl.DataFrame({"x": list(range(100))}),
+              delta.table(url, storage_options=opts, retries=8, retry_backoff_s=0.2))
+    finally:
+        restarter.join()
+        proxy.down()
+    assert sorted(read(url, run_dir)["x"].to_list()) == [-1, *range(100)]

@@ -121,3 +121,54 @@ def test_kill_9_in_the_middle_then_restart_gives_each_row_once(tmp_path, tables_
     back = read(where, "ns.ticks", str(tmp_path / "r"))
     assert back.height == want.height
     assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))
+
+
+def test_table_source_passes_the_contract_kit(tmp_path, run_dir):
+    from streamfn.sourcekit import check_source
+
+    where = {"catalog": str(tmp_path / "c.db")}
+    write("kit", run_dir, pl.DataFrame({"x": list(range(40))}), sink(where, "ns.kit"))
+    rows = check_source(iceberg.table(where["catalog"], "ns.kit"), expected_rows=40)
+    assert sorted(rows["x"].to_list()) == list(range(40))
+
+
+def test_kill_9_in_a_kafka_fed_run_then_restart_gives_each_row_once(tmp_path, kafka_tansu):
+    import json
+
+    from tests.connectors.tables_common import produce_ticks
+
+    source = ticks_file(str(tmp_path / "ticks.jsonl"), 40_000)
+    topic = kafka_tansu.topic_name("ticks")
+    produce_ticks(kafka_tansu.bootstrap, topic, source)
+    where = {"catalog": str(tmp_path / "kafka.db")}
+    env = {"TABLES_JOB_SETTINGS": json.dumps(kafka_tansu.run_settings())}
+    run_killed_then_restarted("iceberg", f"kafka:{topic}", str(tmp_path),
+                              {"catalog": where["catalog"], "identifier": "ns.kticks"}, env=env,
+                              kill_after_batches=6)
+    want = job.expected(source)
+    back = read(where, "ns.kticks", str(tmp_path / "r"))
+    assert back.height == want.height
+    assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))
+
+
+def test_warehouse_down_for_a_while_then_back(tables_s3, tables_bucket, tmp_path, run_dir, monkeypatch):
+    import threading
+
+    from tests.connectors.tables_common import FlakyProxy
+
+    proxy = FlakyProxy(int(tables_s3.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    where = {"catalog": str(tmp_path / "c.db"), "warehouse": f"s3://{tables_bucket}/flaky"}
+    write("flaky0", run_dir, pl.DataFrame({"x": [-1]}), sink(where, "ns.flaky"))
+    proxy.down()
+    restarter = threading.Timer(1.0, proxy.up)
+    restarter.start()
+    try:
+        write("flaky", run_dir, pl.DataFrame({"x": list(range(100))}),
+              sink(where, "ns.flaky", retries=8, retry_backoff_s=0.2))
+    finally:
+        restarter.join()
+    try:
+        assert sorted(read(where, "ns.flaky", run_dir)["x"].to_list()) == [-1, *range(100)]
+    finally:
+        proxy.down()

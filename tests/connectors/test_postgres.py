@@ -141,3 +141,42 @@ def test_kill_9_in_the_middle_then_restart_gives_each_row_once(pg_dsn, pg_table,
     back = read(pg_dsn, f"select * from {pg_table}", str(tmp_path / "r"))
     assert back.height == want.height
     assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))
+
+
+def test_query_source_passes_the_contract_kit(pg_dsn, pg_table, run_dir):
+    from streamfn.sourcekit import check_source
+
+    write("kit", run_dir, pl.DataFrame({"x": list(range(40))}), postgres.table(pg_table, dsn=pg_dsn))
+    rows = check_source(postgres.query(f"select x from {pg_table} order by x", dsn=pg_dsn), expected_rows=40)
+    assert sorted(rows["x"].to_list()) == list(range(40))
+
+
+def test_a_replay_cuts_its_batches_where_the_committed_rows_end(pg_dsn, pg_table, run_dir):
+    # run 1 commits the first 250 rows; run 2 reads all 500 again with other batch sizes and
+    # a filter, so offsets no longer map 1:1 to rows: the lane must cut a batch at offset 249
+    whole = pl.DataFrame({"x": list(range(500))})
+    for rows, batch_rows in ((250, 64), (500, 100)):
+        p = sf.Pipeline("cuts", run_dir=run_dir, batch_rows=batch_rows)
+        src = p.source(memory.source(whole.head(rows)))
+        p.stage(src, name="odd")(lambda df: df.filter(pl.col("x") % 2 == 1)).sink(
+            postgres.table(pg_table, dsn=pg_dsn))
+        p.run(until_idle=True)
+    back = read(pg_dsn, f"select x from {pg_table} order by x", run_dir)
+    assert back["x"].to_list() == list(range(1, 500, 2))
+
+
+def test_kill_9_in_a_kafka_fed_run_then_restart_gives_each_row_once(pg_dsn, pg_table, tmp_path, kafka_tansu):
+    import json
+
+    from tests.connectors.tables_common import produce_ticks
+
+    source = ticks_file(str(tmp_path / "ticks.jsonl"), 40_000)
+    topic = kafka_tansu.topic_name("ticks")
+    produce_ticks(kafka_tansu.bootstrap, topic, source)
+    env = {"TABLES_JOB_SETTINGS": json.dumps(kafka_tansu.run_settings())}
+    run_killed_then_restarted("postgres", f"kafka:{topic}", str(tmp_path), {"table": pg_table, "dsn": pg_dsn},
+                              env=env, kill_after_batches=6)
+    want = job.expected(source)
+    back = read(pg_dsn, f"select * from {pg_table}", str(tmp_path / "r"))
+    assert back.height == want.height
+    assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))

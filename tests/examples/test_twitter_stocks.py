@@ -1,9 +1,11 @@
 """examples/twitter_stocks end to end: `streamfn run` on the shipped data, checked against plain polars.
 
-One run (a subprocess, as a user would start it) with SENTIMENT_THRESHOLD=0.5 from the
-environment; while it runs the test asks GET /symbols/{symbol}. Its outputs are compared with
-tests/examples/twitter_stocks_reference.py, which recomputes everything from the shipped files
-without the example's code: price windows, sentiment windows, the join, counts, dead letters.
+The main run (a subprocess, as a user would start it: embedded broker, SENTIMENT_THRESHOLD=0.5
+from the environment) is asked GET /symbols/{symbol} while it runs. Its outputs are compared
+with tests/examples/twitter_stocks_reference.py, which recomputes everything from the shipped
+files without the example's code: price windows, sentiment windows, the join, counts, dead
+letters. A second run uses --brokers (the session's Tansu) and S3 checkpoints (moto), and the
+topics it wrote are read back and compared too.
 """
 from __future__ import annotations
 
@@ -75,32 +77,40 @@ def _ask_while_running(proc: subprocess.Popen[str], port: int, answers: dict[str
     while proc.poll() is None:
         for symbol in ("aapl", "ZZZZ"):
             got = _get(f"http://127.0.0.1:{port}/symbols/{symbol}")
-            if got is not None and got[0] != 503:
+            # 503 and "no endpoint": the route is not there yet, or no longer (the run is stopping)
+            if got is not None and got[0] != 503 and "no endpoint" not in str(got[1].get("error", "")):
                 answers.setdefault(symbol, []).append(got)
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    run_dir = tmp_path_factory.mktemp("twitter_stocks")
+def _run_example(run_dir: Path, env_extra: dict[str, str], args: list[str], *, ask_http: bool) -> Run:
+    """`python -m streamfn.cli run` the example; with ask_http, query the endpoint while it runs."""
     port = _free_port()
-    env = {**os.environ, "RUN_DIR": str(run_dir), "SENTIMENT_THRESHOLD": str(THRESHOLD),
-           "REPLAY_SPEEDUP": "12000", "REPLAY_TICK": "0.2s", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1", **env_extra}
     env.pop("OUTPUT_DIR", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamfn.cli", "run", "examples/twitter_stocks/pipeline.py", "--port", str(port),
-         "--log-format", "json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--log-format", "json", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     answers: dict[str, list[tuple[int, dict]]] = {}
     asker = threading.Thread(target=_ask_while_running, args=(proc, port, answers), daemon=True)
-    asker.start()
+    if ask_http:
+        asker.start()
     try:
         stdout, stderr = proc.communicate(timeout=110)
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
         pytest.fail(f"the example did not end within 110 s\n{stdout}\n{stderr[-3000:]}")
-    asker.join()
+    if ask_http:
+        asker.join()
     return Run(proc.returncode, stdout, stderr, run_dir, answers)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The main job: embedded broker, everything default but the threshold and the replay speed."""
+    env = {"SENTIMENT_THRESHOLD": str(THRESHOLD), "REPLAY_SPEEDUP": "12000", "REPLAY_TICK": "0.2s"}
+    return _run_example(tmp_path_factory.mktemp("twitter_stocks"), env, [], ask_http=True)
 
 
 def _summary_rows(stdout: str) -> dict[str, tuple[int, int]]:
@@ -190,6 +200,68 @@ def test_http_answers_the_latest_joined_window_of_a_symbol(run: Run) -> None:
     assert unknown and all(status == 404 and "no joined window for ZZZZ" in body["error"] for status, body in unknown)
 
 
+def _read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
+    """Every (key, value) of a topic, read from the beginning of each partition to its end."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    partitions = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics[topic].partitions
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}", "enable.auto.commit": False,
+                         "enable.partition.eof": True})
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    ended: set[int] = set()
+    messages: list[tuple[bytes | None, bytes]] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(ended) < len(partitions) and time.monotonic() < deadline:
+            for message in consumer.consume(10_000, timeout=1.0):
+                error = message.error()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    ended.add(message.partition())
+                elif error is not None:
+                    raise AssertionError(f"reading {topic}: {error}")
+                else:
+                    messages.append((message.key(), message.value()))
+    finally:
+        consumer.close()
+    assert len(ended) == len(partitions), f"{topic}: not every partition was read to its end"
+    return messages
+
+
+def test_with_brokers_and_s3_checkpoints_it_runs_against_a_real_cluster(kafka_tansu, s3_bucket,
+                                                                      tmp_path: Path) -> None:
+    prefix = kafka_tansu.topic_name("stocks") + "."
+    settings = [arg for key, value in s3_bucket.settings().items() for arg in ("--set", f"{key}={value}")]
+    done = _run_example(tmp_path, {"REPLAY_SPEEDUP": "40000", "TOPIC_PREFIX": prefix},
+                        ["--brokers", kafka_tansu.bootstrap, "--checkpoint", s3_bucket.url("stocks"), *settings],
+                        ask_http=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "embedded broker" not in done.stderr
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_bucket.endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket.name)["Contents"]]
+    client.close()
+    assert any(k.startswith("stocks/quotes_replay/") and "/manifests/" in k for k in keys), keys
+    assert not (tmp_path / "checkpoints").exists()
+    quotes = _read_topic(kafka_tansu.bootstrap, f"{prefix}quotes")
+    got = pl.read_ndjson(b"\n".join(v for _, v in quotes),
+                         schema={"ts": pl.Datetime("ms", "UTC"), "symbol": pl.String, "price": pl.Float64,
+                                 "volume": pl.Int64})
+    assert [k.decode() for k, _ in quotes] == got["symbol"].to_list()  # keyed by symbol
+    assert_frame_equal(got.sort("ts", "symbol", "price"), ref.quotes().sort("ts", "symbol", "price"))
+    posts = _read_topic(kafka_tansu.bootstrap, f"{prefix}posts")
+    assert sorted(v for _, v in posts) == sorted((ref.DATA / "posts.jsonl").read_bytes().split(b"\n")[:-1])
+    windows = pl.read_ndjson(b"\n".join(v for _, v in _read_topic(kafka_tansu.bootstrap, f"{prefix}symbol_windows")),
+                             schema={"symbol": pl.String, "window_start": pl.Datetime("ms", "UTC"),
+                                     "posts": pl.Int64, "sentiment": pl.Float64, "vwap": pl.Float64})
+    want = ref.joined(0.05)
+    columns = ref.KEY + ["posts", "sentiment", "vwap"]
+    assert_frame_equal(windows.sort(ref.KEY).select(columns), want.select(columns), check_dtypes=False,
+                       rel_tol=1e-9)
+
+
 def test_report_draws_a_png_from_the_output(run: Run, tmp_path: Path) -> None:
     png = tmp_path / "report.png"
     done = subprocess.run([sys.executable, str(EXAMPLE / "report.py"), "--output", str(run.output),
@@ -197,6 +269,23 @@ def test_report_draws_a_png_from_the_output(run: Run, tmp_path: Path) -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _code_lines(source: str) -> list[str]:
+    """Non-blank code lines, without the notebook's cell markers and its Jupyter fallback for HERE."""
+    skip = ("# %% cell", "# Generated by")
+    lines = [line.split("  # Jupyter")[0].replace(' if "__file__" in globals() else Path.cwd()', "")
+             for line in source.splitlines() if line.strip() and not line.startswith(skip)]
+    return lines
+
+
+def test_the_notebook_holds_the_code_of_pipeline_py() -> None:
+    from streamfn.notebook import notebook_to_source
+
+    script = (EXAMPLE / "pipeline.py").read_text(encoding="utf-8")
+    body = script[script.index('"""', 3) + 3:]  # after the module docstring
+    assert _code_lines(notebook_to_source(str(EXAMPLE / "pipeline.ipynb"))) == _code_lines(body), \
+        "pipeline.ipynb differs from pipeline.py: run python examples/twitter_stocks/make_notebook.py"
 
 
 def test_the_notebook_is_the_same_pipeline(tmp_path: Path) -> None:

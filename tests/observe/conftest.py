@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +33,47 @@ def span_exporter() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider, exporter
     provider.shutdown()
+
+
+class OtlpCollector:
+    """A loopback OTLP/HTTP endpoint that keeps every (path, protobuf body) it is sent."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector.received.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def otlp_collector() -> Iterator[OtlpCollector]:
+    """An OTLP/HTTP receiver on a free loopback port (the real exporters post to it)."""
+    collector = OtlpCollector()
+    try:
+        yield collector
+    finally:
+        collector.close()
 
 
 @pytest.fixture
@@ -155,12 +197,16 @@ class LiveRun:
             self.error = exc
 
     def wait_flowing(self) -> dict[str, Any]:
-        """Wait until every stage shows a non-zero rate in /status; return that status."""
+        """Wait until every node shows a non-zero rate and every partition has read rows."""
         def flowing() -> dict[str, Any] | None:
             status = get_json(self.url + "/status")
             rates = [n["rows_out_per_s"] for n in status["nodes"]]
-            return status if status["state"] == "running" and rates and all(r > 0 for r in rates) else None
-        return wait_for(flowing, what="non-zero rates on every node")  # type: ignore[no-any-return]
+            parts = status["partitions"]
+            ready = (status["state"] == "running" and rates and all(r > 0 for r in rates)
+                     and len(parts) == len(self.source.partitions())
+                     and all(p["rows"] > 0 and p["lag"] is not None for p in parts))
+            return status if ready else None
+        return wait_for(flowing, what="rows flowing through every node and partition")  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         """End the source, wait for the run, close the observation."""

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.observe.conftest import get
@@ -47,26 +46,38 @@ def _rate(text: str) -> float:
         return 0.0
 
 
+# One read of the page per call: the page redraws every second, so elements fetched one by
+# one could go stale between two calls.
+_SNAPSHOT_JS = """
+const text = (root, sel) => { const e = root.querySelector(sel); return e ? e.textContent : null; };
+return {
+  stages: [...document.querySelectorAll('#stages tbody tr')].map(
+      r => [r.dataset.node, text(r, 'td.rate')]),
+  graph: [...document.querySelectorAll('#graph g.node')].map(
+      g => [g.dataset.node, text(g, 'text.name'), text(g, 'text.rate')]),
+  edges: document.querySelectorAll('#graph path.edge').length,
+  lanes: [...document.querySelectorAll('#partitions tbody tr')].map(r => [r.dataset.lane, text(r, 'td.lag')]),
+  summary: text(document, '#summary'),
+};
+"""
+
+
 def test_dashboard_shows_stages_and_live_rates(live_run, browser):
     assert get(live_run.url + "/")[1].startswith("text/html")
     live_run.wait_flowing()
     browser.get(live_run.url + "/")
 
-    def rates_in_the_page(driver: webdriver.Chrome) -> dict[str, float] | None:
-        rows = driver.find_elements(By.CSS_SELECTOR, "#stages tbody tr")
-        found = {row.get_attribute("data-node"): _rate(row.find_element(By.CSS_SELECTOR, "td.rate").text)
-                 for row in rows}
-        return found if len(found) == 4 and all(v > 0 for v in found.values()) else None
+    def flowing(driver: webdriver.Chrome) -> dict | None:
+        page = driver.execute_script(_SNAPSHOT_JS)
+        rates = {name: _rate(rate or "") for name, rate in page["stages"]}
+        return page if len(rates) == 4 and all(v > 0 for v in rates.values()) else None
 
-    rates = WebDriverWait(browser, 30, poll_frequency=0.2).until(rates_in_the_page)
-    assert set(rates) == {"ticks", "clean", "enrich", "out"}
-    graph = {g.get_attribute("data-node"): g for g in browser.find_elements(By.CSS_SELECTOR, "#graph g.node")}
+    page = WebDriverWait(browser, 30, poll_frequency=0.2).until(flowing)
+    assert [name for name, _ in page["stages"]] == ["ticks", "clean", "enrich", "out"]
+    graph = {node: (name, rate) for node, name, rate in page["graph"]}
     assert set(graph) == {"ticks", "clean", "enrich", "out"}
-    assert graph["clean"].find_element(By.CSS_SELECTOR, "text.name").text == "clean"
-    assert graph["clean"].find_element(By.CSS_SELECTOR, "text.rate").text.endswith("rows/s")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph path.edge")) == 3
-    lanes = {row.get_attribute("data-lane"): row.find_element(By.CSS_SELECTOR, "td.lag").text
-             for row in browser.find_elements(By.CSS_SELECTOR, "#partitions tbody tr")}
-    assert lanes == {"ticks[0]": "1.5k", "ticks[1]": "1.5k"}
-    assert "health: ok" in browser.find_element(By.ID, "summary").text
+    assert graph["clean"][0] == "clean" and graph["clean"][1].endswith("rows/s")
+    assert page["edges"] == 3
+    assert dict(page["lanes"]) == {"ticks[0]": "1.5k", "ticks[1]": "1.5k"}
+    assert "health: ok" in page["summary"]
     assert browser.title == "streamfn"

@@ -133,6 +133,8 @@ def test_prometheus_scrape_after_a_run_matches_the_summary(run_dir):
 
 
 def test_prometheus_scrape_of_a_live_run_shows_lag_per_partition(live_run):
+    live_run.wait_flowing()
+
     def lag_samples() -> dict[str, float] | None:
         families = _families(get(live_run.url + "/metrics")[2].decode())
         lag = families.get("streamfn_consumer_lag")
@@ -184,3 +186,22 @@ def test_one_observation_over_two_runs_reports_the_current_run(run_dir, metric_r
         assert value(points(metric_reader), "streamfn.records.out", stage="out").value == 30
         second = p.run(until_idle=True)  # value() checks there is one series, the second run's
         assert value(points(metric_reader), "streamfn.records.out", stage="out").value == second.rows_out("out")
+
+
+def test_otlp_metrics_exporter_from_the_standard_environment_variables(run_dir, monkeypatch, otlp_collector):
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_collector.url)
+    summary = _failing_pipeline(run_dir).run(until_idle=True)  # the run's end flushes the exporter
+    sent: dict[tuple[str, str], float] = {}
+    for path, body in otlp_collector.received:
+        assert path == "/v1/metrics"
+        for rm in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "streamfn.records.out":
+                        for point in metric.sum.data_points:
+                            stage = next(a.value.string_value for a in point.attributes if a.key == "stage")
+                            sent[(metric.name, stage)] = point.as_int
+    assert sent == {("streamfn.records.out", n): summary.rows_out(n) for n in ("nums", "picky", "small", "out")}

@@ -6,6 +6,7 @@ import socket
 import threading
 
 import polars as pl
+import pytest
 
 import streamfn as sf
 from streamfn import observe
@@ -109,3 +110,30 @@ def _up(url: str) -> bool:
         return get(url + "/healthz")[0] == 200
     except OSError:
         return False
+
+
+def test_another_server_can_answer_the_same_routes(live_run):
+    from streamfn.observe import current
+    from streamfn.observe.status import respond
+
+    live_run.wait_flowing()
+    observation = current("live")
+    assert observation is live_run.observation
+    code, ctype, body = respond(observation, "/status?x=1")
+    assert code == 200 and ctype == "application/json" and json.loads(body)["pipeline"] == "live"
+    assert respond(observation, "/metrics")[1].startswith("text/plain; version=0.0.4")
+    assert respond(observation, "/")[2].startswith(b"<!doctype html>")
+    assert respond(observation, "/orders") is None  # not ours: the trigger's own route
+    assert current("no-such-pipeline") is None
+
+
+def test_a_taken_port_is_a_clear_error(run_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = sf.Pipeline("clash", run_dir=run_dir)
+        p.source(memory.source(pl.DataFrame({"x": [1]}))).sink(memory.sink())
+        with pytest.raises(sf.ConfigError, match=f"cannot serve metrics and status on 127.0.0.1:{port}: "
+                                                 ".*; pick another --metrics-port"):
+            observe.start(p, metrics_port=port)

@@ -4,9 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import polars as pl
 import pytest
@@ -162,35 +159,13 @@ def test_helpers_are_harmless_without_tracing():
     assert extract_context([]) is None
 
 
-class _Collector(BaseHTTPRequestHandler):
-    received: list[bytes] = []
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append((self.path, body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_otlp_exporter_from_the_standard_environment_variables(run_dir, monkeypatch):
-    _Collector.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        monkeypatch.setenv("OTEL_SERVICE_NAME", "ticks-job")
-        _pipeline(run_dir).run(until_idle=True)  # no observe.start: the variables alone turn tracing on
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_otlp_exporter_from_the_standard_environment_variables(run_dir, monkeypatch, otlp_collector):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_collector.url)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "ticks-job")
+    _pipeline(run_dir).run(until_idle=True)  # no observe.start: the variables alone turn tracing on
     names, services = set(), set()
-    for path, body in _Collector.received:
+    for path, body in otlp_collector.received:
         assert path == "/v1/traces"
         request = ExportTraceServiceRequest.FromString(body)
         for rs in request.resource_spans:
@@ -260,6 +235,9 @@ class _KafkaSink(Sink):
 
     def flush(self, checkpoint_id: str) -> None:
         assert self.producer.flush(10) == 0
+
+    def close(self) -> None:
+        self.producer = None  # the last reference: the client goes now, not when the broker is gone
 
 
 @pytest.mark.integration

@@ -7,6 +7,7 @@ It stops at the end of the topic, or with "follow" runs until SIGTERM.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -45,11 +46,9 @@ class ParquetParts(sf.Sink):
             pl.concat(frames).write_parquet(tmp)
             os.replace(tmp, os.path.join(self.directory, f"part-{uuid.uuid4().hex}.parquet"))
 
+
 if __name__ == "__main__":
-    import logging, os
-    logging.basicConfig(level=os.environ.get("JOB_LOG", "WARNING"))
-    import faulthandler, signal
-    faulthandler.register(signal.SIGUSR1)
+    logging.basicConfig(level=os.environ.get("JOB_LOG", "WARNING"))  # JOB_LOG=INFO shows lanes and restores
     topic, group, out, checkpoint, run_dir, settings = sys.argv[1:7]
     p = sf.Pipeline("kcrash", checkpoint=checkpoint, checkpoint_interval="20ms", run_dir=run_dir,
                     batch_rows=500, threads=4)

@@ -79,6 +79,33 @@ def test_late_records_go_to_dead_letters_with_the_reason(tmp_path):
     assert sorted(zip(got["window_start"], got["count"])) == [(0, 1), (200, 2)]
 
 
+def test_records_without_event_time_are_dead_letters(tmp_path):
+    df = pl.DataFrame({"symbol": ["A", "A"], "ts": [10, None], "price": [1.0, 2.0], "volume": [1, 1]})
+    got, dead = run_windows(df, sf.tumbling("100ms"), run_dir=_dir(tmp_path))
+    assert dead.frame()["error"].to_list() == ["no event time: column 'ts' is null, so no window can hold "
+                                               "the record"]
+    assert got["count"].to_list() == [1]
+
+
+def test_windows_closed_at_the_end_of_a_run_stay_closed_in_the_next(tmp_path):
+    from streamfn.connectors import memory
+
+    run_dir = _dir(tmp_path)
+    first = pl.DataFrame({"k": ["a", "a"], "ts": [10, 20], "v": [1, 1]})
+    more = pl.DataFrame({"k": ["a", "a"], "ts": [30, 130], "v": [1, 1]})
+    outputs = []
+    for data in (first, pl.concat([first, more])):  # the second run resumes after the first two rows
+        p = sf.Pipeline("again", run_dir=run_dir)
+        out, dead = memory.sink(), memory.sink(name="dead")
+        p.dead_letter(dead)
+        p.source(memory.source(data)).window(sf.tumbling("100ms"), by="k", aggs=[pl.col("v").sum()]).sink(out)
+        p.run(until_idle=True, handle_signals=False)
+        letters = dead.frame()
+        offsets = letters["offset"].to_list() if letters.height else []
+        outputs.append((out.frame().select("window_start", "v").rows(), offsets))
+    assert outputs == [([(0, 2)], []), ([(100, 1)], ["2"])]
+
+
 def test_a_window_is_emitted_once_when_the_watermark_passes(tmp_path):
     import streamfn as sf
     from streamfn.connectors import memory
