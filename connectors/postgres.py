@@ -180,6 +180,7 @@ class _PgLaneWriter(Sink):
         self._filter: ReplayFilter | None = None
         self._committed = Progress()
         self._pending = Pending()
+        self._resend = False  # True once the open transaction lost rows that were sent
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -225,16 +226,45 @@ class _PgLaneWriter(Sink):
         frame = self._replay_filter().admit(batch)
         if frame is None or frame.height == 0:
             return
-        self._pending.add(plain_arrow(frame.to_arrow()), batch)
+        table = plain_arrow(frame.to_arrow())
+        self._pending.add(table, batch)  # kept until committed: a retry sends it again
+        if not self._resend:
+            self._send_now(table)
         if self._pending.rows >= self.parent.max_buffer_rows:
             self._commit(None)  # bounded memory: the offsets recorded keep this exactly once
+
+    def _send_now(self, table: pa.Table) -> None:
+        """COPY a batch into the lane's open transaction, so COPY overlaps with reading."""
+        conn = self._connection()
+        try:
+            self._send(conn, table)
+        except _retryable() as exc:
+            log.warning("write failed; the commit retries it", extra={"lane": self.lane,
+                                                                       "error": type(exc).__name__})
+            self._rollback(conn)
+            self._drop_connection()
+            self._resend = True
+        except BaseException:
+            self._rollback(conn)
+            raise
+
+    def _send(self, conn: Any, table: pa.Table) -> None:
+        p = self.parent
+        rows = p.prepare(conn, table)
+        with conn.cursor() as cur:
+            if p.mode == "append":
+                cur.adbc_ingest(p.table_name, rows, mode="append", db_schema_name=p.schema_name)
+            else:
+                self._upsert(cur, rows)
 
     def flush(self, checkpoint_id: str) -> None:
         self._replay_filter()
         if already_committed(checkpoint_id, self._committed):
             log.info("checkpoint already committed; skipped", extra={"lane": self.lane,
                                                                      "checkpoint": checkpoint_id})
-            self._pending = Pending()
+            if self._conn is not None:
+                self._rollback(self._conn)
+            self._pending, self._resend = Pending(), False
             return
         if self._pending.rows:
             self._commit(checkpoint_id)
@@ -242,26 +272,24 @@ class _PgLaneWriter(Sink):
     def _commit(self, checkpoint_id: str | None) -> None:
         pending = self._pending
         progress = pending.progress(checkpoint_id, self._committed)
-        self._retry(lambda: self._transaction(pending, progress))
+        self._retry(lambda: self._finish(pending, progress))
         self._committed = progress
-        self._pending = Pending()
+        self._pending, self._resend = Pending(), False
         log.debug("rows committed", extra={"lane": self.lane, "rows": pending.rows,
                                            "checkpoint": checkpoint_id, "offset": progress.high_offset})
 
-    def _transaction(self, pending: Pending, progress: Progress) -> None:
+    def _finish(self, pending: Pending, progress: Progress) -> None:
+        """Record the progress and commit; after a lost connection, send every row again first."""
         conn = self._connection()
-        p = self.parent
         try:
-            rows = p.prepare(conn, pending.table())
+            if self._resend:
+                self._send(conn, pending.table())
             with conn.cursor() as cur:
-                if p.mode == "append":
-                    cur.adbc_ingest(p.table_name, rows, mode="append", db_schema_name=p.schema_name)
-                else:
-                    self._upsert(cur, rows)
                 cur.execute(self._progress_sql(pending, progress))
             conn.commit()
         except BaseException:
             self._rollback(conn)
+            self._resend = True  # the open transaction is gone with the rows sent in it
             raise
 
     def _rollback(self, conn: Any) -> None:

@@ -159,6 +159,8 @@ def _fencing(url: str, storage: dict | None = None) -> None:
     new_owner.restore_lane(new_lane)  # takes the partition over, continuing the numbering
     assert restored.frame().rows() == [(1, 1)]
     new_owner.save_lane(new_lane, "0-1")  # an id that sorts *before* the old owner's
+    t.put(pl.DataFrame({"k": [2], "v": [2]}))  # the old owner, still running, reads on
+    old_lane.position = 5
     with pytest.raises(LaneTakenOver, match="no longer owns"):
         old_owner.save_lane(old_lane, "a-2")
     latest = Checkpointer(url, pipeline="p", code_hash="h", storage_options=storage)
@@ -167,6 +169,21 @@ def _fencing(url: str, storage: dict | None = None) -> None:
 
 def test_a_worker_that_lost_its_partition_cannot_overwrite_the_new_owner(tmp_path):
     _fencing(str(tmp_path))
+
+
+def test_an_idle_lane_publishes_no_new_checkpoint(tmp_path):
+    ck = Checkpointer(str(tmp_path), pipeline="p", code_hash="h")
+    t = KeyedTable(["k"])
+    t.put(pl.DataFrame({"k": [1], "v": [1]}))
+    lane = _Lane(_TableRunner(t))
+    ck.restore_lane(lane)
+    ck.save_lane(lane, "1")
+    ck.save_lane(lane, "2")  # nothing read, nothing changed
+    assert os.listdir(tmp_path / "s" / "0" / "manifests") == ["000000000000.json"]
+    lane.position = 3
+    ck.save_lane(lane, "3")
+    assert len(os.listdir(tmp_path / "s" / "0" / "manifests")) == 2
+    assert len(os.listdir(tmp_path / "s" / "0" / "state")) == 1  # the table was written once
 
 
 @pytest.mark.integration
