@@ -7,7 +7,8 @@ Generates N reference-workload records (../shared/bench/workload.py), produces t
 one after the other:
   raw:      peers/kafka_consume_raw.py --mode consume (read and count every message)
   streamfn: kafka.topic(json) -> filter(volume > 0) -> a derived column -> kafka.topic(format="arrow")
-and prints records/s and peak RSS of both and the ratio. Each runs in its own process.
+and prints records/s, peak RSS and CPU seconds of both, and the ratio. Each runs in its own
+process; on a busy machine compare CPU seconds as well as rates (rates follow the load).
 """
 from __future__ import annotations
 
@@ -60,10 +61,22 @@ def last_json_line(out: str) -> dict[str, object]:
 
 
 def run(cmd: list[str]) -> dict[str, object]:
+    """Run one side in its own process; add the CPU seconds it used (all its threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return last_json_line(done.stdout)
+    line = last_json_line(done.stdout)
+    line["cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2)
+    return line
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -89,9 +102,13 @@ def main() -> int:
         topic = "ticks"
         produced = run([sys.executable, str(BENCH / "peers" / "kafka_produce.py"), str(data), topic,
                         "--brokers", broker.bootstrap, "--partitions", str(args.partitions)])
+        before = process_cpu_s(broker.proc.pid)
         raw = run([sys.executable, str(BENCH / "peers" / "kafka_consume_raw.py"), "--brokers", broker.bootstrap,
                    "--topic", topic, "--expect", str(args.records), "--mode", "consume"])
+        middle = process_cpu_s(broker.proc.pid)
         ours = run([sys.executable, str(Path(__file__)), "--job", broker.bootstrap, topic, str(args.records)])
+        raw["broker_cpu_s"] = round(middle - before, 2)
+        ours["broker_cpu_s"] = round(process_cpu_s(broker.proc.pid) - middle, 2)
     finally:
         broker.stop()
     print(json.dumps(produced))
@@ -99,8 +116,10 @@ def main() -> int:
     print(json.dumps(ours))
     ratio = float(ours["rec_per_s"]) / float(raw["rec_per_s"])  # type: ignore[arg-type]
     print(f"records={args.records:,} partitions={args.partitions}")
-    print(f"raw consume ceiling : {raw['rec_per_s']:>10,} rec/s  peak RSS {raw['peak_rss_mb']} MB")
-    print(f"streamfn end to end : {ours['rec_per_s']:>10,} rec/s  peak RSS {ours['peak_rss_mb']} MB")
+    print(f"raw consume ceiling : {raw['rec_per_s']:>10,} rec/s  peak RSS {raw['peak_rss_mb']} MB  "
+          f"CPU {raw['cpu_s']} s (+ broker {raw['broker_cpu_s']} s)")
+    print(f"streamfn end to end : {ours['rec_per_s']:>10,} rec/s  peak RSS {ours['peak_rss_mb']} MB  "
+          f"CPU {ours['cpu_s']} s (+ broker {ours['broker_cpu_s']} s)")
     print(f"ratio               : {ratio:.0%} of the raw ceiling")
     return 0 if ours["records"] == args.records else 1
 

@@ -94,7 +94,9 @@ class Pending:
     def progress(self, checkpoint_id: str | None, before: Progress) -> Progress:
         """What the target will hold once these rows commit."""
         high = self.high_offset if self.offsets_known else None
-        if high is not None and before.high_offset is not None:
+        if high is None:
+            high = before.high_offset
+        elif before.high_offset is not None:
             high = max(high, before.high_offset)
         return Progress(checkpoint_id or before.checkpoint_id, high)
 

@@ -10,6 +10,7 @@ restart a lane reads its txn version back and drops replayed rows at or below it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,9 +48,10 @@ def storage_options_for(url: str, given: dict[str, str] | None = None) -> dict[s
         if endpoint.startswith("http://"):
             opts["AWS_ALLOW_HTTP"] = "true"
     opts["AWS_REGION"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    # one process serialises its commits (see _commit_lock); several writer processes on S3
+    # one process serialises its commits (see commit_lock); several writer processes on S3
     # need a lock provider (e.g. AWS_S3_LOCKING_PROVIDER=dynamodb) passed in storage_options
-    opts["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
+    if not {"AWS_S3_LOCKING_PROVIDER", "aws_conditional_put", "conditional_put"} & set(given or {}):
+        opts["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
     opts.update(given or {})
     return opts
 
@@ -83,7 +85,10 @@ class DeltaTableConnector(Source, Sink):
         self.schema_mode, self.version = schema_mode, version
         self.retries, self.retry_backoff_s, self.max_buffer_rows = retries, retry_backoff_s, max_buffer_rows
         self.pipeline = "default"
-        self.commit_lock = threading.Lock()  # lanes of one process commit one at a time
+        # S3 without a lock provider renames unsafely, so lanes of one process commit one at a
+        # time there; elsewhere (local files) commits are atomic and lanes write in parallel
+        unsafe = (self.storage_options or {}).get("AWS_S3_ALLOW_UNSAFE_RENAME", "").lower() == "true"
+        self.commit_lock: Any = threading.Lock() if unsafe else contextlib.nullcontext()
 
     def default_name(self) -> str:
         return self.url.rsplit("/", 1)[-1] or "delta"

@@ -259,8 +259,9 @@ class Runtime:
         for partition, resume in given.items():
             if (node.name, partition) in self._lanes:
                 continue
-            if resume is None and self.checkpointer is not None:
-                resume = self.checkpointer.resume_position(node.name, partition)
+            if self.checkpointer is not None:  # the state was saved at this position: it wins
+                saved = self.checkpointer.resume_position(node.name, partition)
+                resume = resume if saved is None else saved
             lane = Lane(self, node, partition, source.open(partition, resume), self.plans[node.name])
             if self.checkpointer is not None:
                 self.checkpointer.restore_lane(lane)

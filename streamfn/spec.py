@@ -270,6 +270,8 @@ def read_spec(path: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    except UnicodeDecodeError as exc:  # a binary or mis-encoded file: say so, no traceback
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a spec is YAML") from None
     if not isinstance(doc, dict) or doc.get("kind") != "Function":
         raise ConfigError(f"{path}: not a streamfn function spec (expected 'kind: Function' and "
                           f"'apiVersion: {API_VERSION}'; write one with 'streamfn export')")

@@ -50,7 +50,10 @@ class NdjsonPartition(SourcePartition):
         self._stream = stream
         self._schema = schema
         self._line = 0  # lines consumed so far = the position
-        self._rest = b""
+        self._buf = b""  # bytes read and not yet handed out start at self._start
+        self._start = 0
+        self._ends = np.empty(0, dtype=np.int64)  # newline offsets in self._buf
+        self._next_end = 0  # the first of them not handed out
         self._eof = False
         self._rejects: list[Reject] = []
         self._skip(int(resume or 0))
@@ -63,23 +66,32 @@ class NdjsonPartition(SourcePartition):
             self._line += block[1]
 
     def _read_lines(self, max_lines: int) -> tuple[bytes, int] | None:
-        """The next whole lines (at most max_lines) and their count; None at the end."""
-        while True:
-            ends = np.flatnonzero(np.frombuffer(self._rest, dtype=np.uint8) == 10)
-            if len(ends) >= max_lines or (self._eof and len(ends)):
-                cut = int(ends[min(max_lines, len(ends)) - 1]) + 1
-                block, self._rest = self._rest[:cut], self._rest[cut:]
-                return block, min(max_lines, len(ends))
-            if self._eof:
-                if self._rest:  # a last line without a newline
-                    block, self._rest = self._rest + b"\n", b""
-                    return block, 1
-                return None
+        """The next whole lines (at most max_lines) and their count; None at the end.
+
+        Each byte is scanned for newlines once, when its chunk is read; a batch is then a
+        slice between two known newline offsets.
+        """
+        while len(self._ends) - self._next_end < max_lines and not self._eof:
             chunk = self._stream.read(_BLOCK_BYTES)
-            if chunk:
-                self._rest += chunk
-            else:
+            if not chunk:
                 self._eof = True
+                break
+            rest = self._buf[self._start:]
+            found = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + len(rest)
+            self._ends = np.concatenate([self._ends[self._next_end:] - self._start, found])
+            self._buf, self._start, self._next_end = rest + chunk, 0, 0
+        available = len(self._ends) - self._next_end
+        if available:
+            count = min(max_lines, available)
+            cut = int(self._ends[self._next_end + count - 1]) + 1
+            block = self._buf[self._start:cut]
+            self._start, self._next_end = cut, self._next_end + count
+            return block, count
+        if self._start < len(self._buf):  # a last line without a newline
+            block = self._buf[self._start:] + b"\n"
+            self._start = len(self._buf)
+            return block, 1
+        return None
 
     def next_batch(self, max_rows: int) -> pl.DataFrame | None:
         block = self._read_lines(max_rows)

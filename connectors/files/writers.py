@@ -73,7 +73,8 @@ class LaneFileWriter(Sink):
         self.fs, self.directory, self.fmt, self.ext = fs, directory, fmt, ext
         self.options = options
         self.max_rows_per_file = max_rows_per_file
-        self._prefix = f"part-{run_tag}-{hashlib.sha1(lane.encode()).hexdigest()[:8]}"
+        # a lane reopened in the same run (a Kafka rebalance) gets a new writer: never reuse its names
+        self._prefix = f"part-{run_tag}-{hashlib.sha1(lane.encode()).hexdigest()[:8]}-{uuid.uuid4().hex[:6]}"
         self._seq = itertools.count()
         self._open: tuple[FormatWriter, str] | None = None
         self._closed_files: list[str] = []  # temporary names waiting to be published

@@ -34,7 +34,8 @@ def endpoint(path: str = "/", *, port: int | None = None, host: str | None = Non
              events: bool = False, lanes: int = 1, max_wait: str | float = "2ms",
              max_batch_rows: int = 10_000, max_body_bytes: int = 10 * 1024 * 1024,
              max_pending: int = 10_000, timeout: str | float = "30s",
-             max_requests: int | None = None) -> HttpSource:
+             max_requests: int | None = None, token: str | None = None, tls_cert: str | None = None,
+             tls_key: str | None = None, rate_limit: str | float | None = None) -> HttpSource:
     """A source fed by requests to `path` (a path ending in '/*' takes everything under it).
 
     Args:
@@ -51,6 +52,10 @@ def endpoint(path: str = "/", *, port: int | None = None, host: str | None = Non
         max_pending: requests waiting per lane before new ones get 503.
         timeout: how long a request waits for its answer before 504.
         max_requests: end the trigger after this many requests (tests, examples, --until-idle).
+        token: a token callers must send as `Authorization: Bearer <token>` or `X-API-Key: <token>`
+            (else 401): `env:NAME`, `file:PATH`, or the value; default the `http.token` setting.
+        tls_cert, tls_key: PEM files; the server then speaks HTTPS (default `http.tls_cert`/`http.tls_key`).
+        rate_limit: requests a second this endpoint takes (or 'N/min'); over it, 429 + Retry-After.
     """
     if not path.startswith("/"):
         raise ConfigError(f"an endpoint path starts with '/', got {path!r}")
@@ -63,7 +68,8 @@ def endpoint(path: str = "/", *, port: int | None = None, host: str | None = Non
     return HttpSource(path, port=port, host=host, methods=methods, schema=schema, events=events,
                       lanes=lanes, max_wait_s=parse_duration_s(max_wait), max_batch_rows=max_batch_rows,
                       max_body_bytes=max_body_bytes, max_pending=max_pending,
-                      timeout_s=parse_duration_s(timeout), max_requests=max_requests)
+                      timeout_s=parse_duration_s(timeout), max_requests=max_requests, token=token,
+                      tls_cert=tls_cert, tls_key=tls_key, rate_limit=rate_limit)
 
 
 class RespondSink(Sink):

@@ -67,13 +67,16 @@ Answer = tuple[int, bytes, str, dict[str, str]]  # status, body, content type, h
 Endpoint = Callable[[Request], Awaitable[Answer]]
 
 
-class _Route:
-    __slots__ = ("path", "prefix", "endpoint", "methods")
+Guard = Callable[[Request], "Answer | None"]  # None: let the request in; else the answer that refuses it
 
-    def __init__(self, path: str, endpoint: Endpoint, methods: list[str] | None) -> None:
+
+class _Route:
+    __slots__ = ("path", "prefix", "endpoint", "methods", "guard")
+
+    def __init__(self, path: str, endpoint: Endpoint, methods: list[str] | None, guard: Guard | None) -> None:
         self.prefix = path.endswith("/*")
         self.path = path[:-2] if self.prefix else path
-        self.endpoint, self.methods = endpoint, methods
+        self.endpoint, self.methods, self.guard = endpoint, methods, guard
 
     def matches(self, path: str) -> bool:
         if not self.prefix:
@@ -89,16 +92,19 @@ class HttpServer:
     request in profiles of the benchmark.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: tuple[str, str] | None = None) -> None:
         uvicorn = import_optional("uvicorn", extra="http")
-        self.host = host
+        if tls:
+            _check_tls_files(tls)  # before binding: a bad file must not leave a socket open
+        self.host, self.tls = host, tls
         self.routes: list[_Route] = []
         self.readiness: list[Callable[[], bool]] = []
         self.sock = _bind(host, port)
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_keep_alive=15, backlog=2048, server_header=False,
-                                timeout_graceful_shutdown=5, proxy_headers=False, interface="asgi3")
+                                timeout_graceful_shutdown=5, proxy_headers=False, interface="asgi3",
+                                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
         self._server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._serve, name=f"streamfn-http-{self.port}", daemon=True)
@@ -121,6 +127,11 @@ class HttpServer:
             raise ConfigError(f"the HTTP server on {self.host}:{self.port} did not start: {self._error}")
         self.loop = _loop_of(self._server)
 
+    @property
+    def scheme(self) -> str:
+        """'https' when the server speaks TLS."""
+        return "https" if self.tls else "http"
+
     def stop(self) -> None:
         """Stop accepting requests, finish those in flight, and join the thread."""
         self._server.should_exit = True
@@ -128,9 +139,9 @@ class HttpServer:
 
     # -- routes -------------------------------------------------------------------------------
     def add_route(self, path: str, endpoint: Endpoint, methods: list[str] | None,
-                  ready: Callable[[], bool]) -> None:
+                  ready: Callable[[], bool], guard: Guard | None = None) -> None:
         """Route `path` (and, for a path ending in '/*', everything under it) to `endpoint`."""
-        route = _Route(path, endpoint, methods)
+        route = _Route(path, endpoint, methods, guard)
         for other in self.routes:
             if (other.path, other.prefix) == (route.path, route.prefix):
                 raise ConfigError(f"{self.host}:{self.port} already serves {path!r}; "
@@ -162,8 +173,11 @@ class HttpServer:
                 if route.methods is not None and scope["method"] not in route.methods:
                     return _json(405, {"error": f"method {scope['method']} not allowed; use "
                                                 f"{', '.join(route.methods)}"})
+                request = Request(scope, receive)
+                if route.guard is not None and (denied := route.guard(request)) is not None:
+                    return denied  # before the body is read: a refused caller costs no decoding
                 try:
-                    return await route.endpoint(Request(scope, receive))
+                    return await route.endpoint(request)
                 except Exception:  # never a traceback to the client; the log has it
                     log.exception("http endpoint failed", extra={"path": path})
                     return _json(500, {"error": "internal error; see the server log"})
@@ -191,15 +205,18 @@ def _json(status: int, value: Any) -> Answer:
     return status, json.dumps(value).encode(), "application/json", {}
 
 
-def acquire(host: str, port: int) -> HttpServer:
-    """The server on (host, port), started on first use (port 0: a free port)."""
+def acquire(host: str, port: int, tls: tuple[str, str] | None = None) -> HttpServer:
+    """The server on (host, port), started on first use (port 0: a free port); TLS with (cert, key)."""
     with _lock:
         server = _servers.get((host, port)) if port else None
+        if server is not None and server.tls != tls:
+            raise ConfigError(f"{host}:{port} is already served {'with' if server.tls else 'without'} TLS; "
+                              "endpoints sharing a port need the same tls_cert/tls_key")
         if server is None:
-            server = HttpServer(host, port)
+            server = HttpServer(host, port, tls)
             server.start()
             _servers[(host, server.port)] = server
-            log.info("http server listening", extra={"url": f"http://{_url_host(host)}:{server.port}"})
+            log.info("http server listening", extra={"url": f"{server.scheme}://{_url_host(host)}:{server.port}"})
         server._users += 1
         return server
 
@@ -212,7 +229,7 @@ def release(server: HttpServer) -> None:
             return
         _servers.pop((server.host, server.port), None)
     server.stop()
-    log.info("http server stopped", extra={"url": f"http://{_url_host(server.host)}:{server.port}"})
+    log.info("http server stopped", extra={"url": f"{server.scheme}://{_url_host(server.host)}:{server.port}"})
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -228,6 +245,16 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _check_tls_files(tls: tuple[str, str]) -> None:
+    import ssl
+
+    try:  # uvicorn would fail later, on its thread; say what is wrong here
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls[0], tls[1])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use the TLS certificate {tls[0]} with key {tls[1]}: {exc}; give a PEM "
+                          "certificate (chain) and its private key") from None
 
 
 def _loop_of(server: Any) -> asyncio.AbstractEventLoop:

@@ -20,7 +20,7 @@ from streamfn.contracts import Reject, Source, SourcePartition
 from streamfn.deadletter import DeadLetter
 from streamfn.errors import ConfigError
 
-from streamfn.connectors.http import codec, server as servers
+from streamfn.connectors.http import codec, security, server as servers
 from streamfn.connectors.http.lane import Answer, HttpLane, Request, error_answer
 
 if TYPE_CHECKING:
@@ -42,7 +42,9 @@ class HttpSource(Source):
     def __init__(self, path: str, *, port: int | None, host: str | None, methods: list[str] | None,
                  schema: codec.Schema | None, events: bool, lanes: int, max_wait_s: float,
                  max_batch_rows: int, max_body_bytes: int, max_pending: int, timeout_s: float,
-                 max_requests: int | None) -> None:
+                 max_requests: int | None, token: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, rate_limit: str | float | None = None) -> None:
+        self.token, self.tls_cert, self.tls_key, self.rate_limit = token, tls_cert, tls_key, rate_limit
         self.path, self.port, self.host, self.methods = path, port, host, methods
         self.schema, self.events, self.n_lanes = schema, events, lanes
         self.max_wait_s, self.max_batch_rows, self.max_body_bytes = max_wait_s, max_batch_rows, max_body_bytes
@@ -67,6 +69,13 @@ class HttpSource(Source):
         where = f"{self.host or '127.0.0.1'}:{self.port if self.port is not None else 8080}"
         return f"http.endpoint({self.path!r}, {where}{', answers' if self.responds else ''})"
 
+    def spec_trigger(self) -> dict[str, Any]:
+        """What `streamfn export` writes for this trigger (without starting it; never the token)."""
+        port = self.port or 8080  # port 0 (a free port, for tests) means nothing in a deployment
+        scheme = "https" if self.tls_cert else "http"
+        return {"kind": "http", "path": self.path, "port": port, "method": ",".join(self.methods or ["*"]),
+                "url": f"{scheme}://{servers._url_host(self.host or '127.0.0.1')}:{port}{self.path}"}
+
     @property
     def url(self) -> str:
         """The endpoint's URL once the run has started (its real port when port=0)."""
@@ -74,7 +83,7 @@ class HttpSource(Source):
             raise ConfigError("the HTTP endpoint has not started yet")
         host = servers._url_host(self._server.host)
         path = self.path[:-2] or "/" if self.path.endswith("/*") else self.path
-        return f"http://{host}:{self._server.port}{path}"
+        return f"{self._server.scheme}://{host}:{self._server.port}{path}"
 
     def start(self, ctx: "RunContext") -> None:
         self._ctx = ctx
@@ -89,15 +98,38 @@ class HttpSource(Source):
         if ctx.until_idle and self.max_requests is None:
             log.warning("an HTTP trigger has no end: --until-idle does not apply to it; it serves "
                         "until stopped (or pass max_requests=N)", extra={"source": self.name})
-        self._server = servers.acquire(host, port)
+        guard, tls = self._security(ctx, host)
+        self._server = servers.acquire(host, port, tls)
         try:
-            self._server.add_route(self.path, self._endpoint, self.methods, self._ready)
+            self._server.add_route(self.path, self._endpoint, self.methods, self._ready, guard)
         except Exception:
             servers.release(self._server)
             self._server = None
             raise
         log.info("serving", extra={"source": self.name, "url": self.url,
                                    "mode": "answers" if self.responds else "202 accepted"})
+
+    def _security(self, ctx: "RunContext", host: str) -> tuple[servers.Guard | None, tuple[str, str] | None]:
+        """The endpoint's token check and rate limit, and the server's TLS files (options, else settings)."""
+        auth = self.token or ctx.setting("http.token")
+        cert, key = self.tls_cert or ctx.setting("http.tls_cert"), self.tls_key or ctx.setting("http.tls_key")
+        if bool(cert) != bool(key):
+            raise ConfigError("TLS needs both tls_cert and tls_key (or the settings http.tls_cert, http.tls_key)")
+        rate = security.parse_rate(self.rate_limit if self.rate_limit is not None else ctx.setting("http.rate_limit"))
+        token = security.TokenCheck(security.resolve_secret(auth, f"the endpoint {self.path}")) if auth else None
+        limit = security.RateLimit(rate) if rate is not None else None
+        if token is None and not security.is_loopback(host):
+            log.warning("an HTTP endpoint listens beyond loopback without a token check; set token= "
+                        "(or --set http.token=env:NAME) unless something in front authenticates",
+                        extra={"source": self.name, "host": host})
+        if token is None and limit is None:
+            return None, (cert, key) if cert and key else None
+
+        def guard(request: servers.Request) -> Answer | None:
+            # the rate limit first: a flood of wrong tokens is limited too
+            return (limit.check() if limit else None) or (token.check(request.header) if token else None)
+
+        return guard, (cert, key) if cert and key else None
 
     def partitions(self) -> Sequence[str]:
         return [str(i) for i in range(self.n_lanes)]

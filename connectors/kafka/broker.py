@@ -63,6 +63,18 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, timeout_
     raise StreamfnError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:g}s")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when our process dies (even by SIGKILL),
+    so a crashed run never leaves its embedded broker behind. (Linux sends it when the thread
+    that started the broker ends: start it from the thread that runs the pipeline.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop() still stops it
+        pass
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
     """SIGTERM a child we started (by its PID), SIGKILL it if it is still there after timeout_s."""
     if proc.poll() is not None:
@@ -86,7 +98,7 @@ class Broker:
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self._out = out
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         try:
             wait_listening(self.port, self.proc, "the embedded Kafka broker (tansu)", _START_TIMEOUT_S)
         except BaseException:

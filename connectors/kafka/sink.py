@@ -22,7 +22,7 @@ from streamfn.errors import ConfigError, StreamfnError
 
 if TYPE_CHECKING:
     from streamfn.connectors.kafka.topic import KafkaTopic
-    from streamfn.runtime import RunContext
+    from streamfn.context import RunContext
 
 log = logging.getLogger("streamfn.kafka")
 
@@ -99,6 +99,7 @@ class LaneWriter(Sink):
         self._in_txn = False
         self._offsets: dict[tuple[str, str], int] = {}  # (source, partition) -> last offset written
         self._lineage: tuple[str, str] = ("", lane)
+        self._keyed_arrow = False  # Arrow rows routed to partitions by key: a retry keeps the partition
 
     @property
     def producer(self) -> Any:
@@ -113,8 +114,6 @@ class LaneWriter(Sink):
         if err is not None:  # called on the thread that polls the producer
             with self._lock:
                 self._failed.append((msg.value(), msg.key(), msg.partition() if self._keyed_arrow else -1, err.str()))
-
-    _keyed_arrow = False
 
     def write(self, batch: Batch) -> None:
         frame = batch.frame

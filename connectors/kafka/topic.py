@@ -18,7 +18,7 @@ from streamfn.timeparse import parse_duration_s
 if TYPE_CHECKING:
     from streamfn.connectors.kafka.sink import SinkSide
     from streamfn.connectors.kafka.source import SourceSide
-    from streamfn.runtime import RunContext
+    from streamfn.context import RunContext
 
 log = logging.getLogger("streamfn.kafka")
 
@@ -40,7 +40,7 @@ class KafkaTopic(Source, Sink):
     def __init__(self, topics: str | Sequence[str], *, format: str, schema: Any, key: str | None,
                  group: str | None, start: str, include: Sequence[str], brokers: str | None, create: bool,
                  partitions: int, transactional: bool, timeout: str | float, consume_batch: int,
-                 queue_messages: int, max_message_bytes: int, delivery_retries: int,
+                 queue_messages: int, max_message_bytes: int, delivery_retries: int, tune_gc: bool,
                  client_config: Mapping[str, Any]) -> None:
         from streamfn.connectors.kafka.chunks import INCLUDE
 
@@ -71,6 +71,7 @@ class KafkaTopic(Source, Sink):
         self.queue_messages = queue_messages
         self.max_message_bytes = max_message_bytes
         self.delivery_retries = delivery_retries
+        self.tune_gc = tune_gc
         self.client_config = dict(client_config)
         self.assign_timeout_s = 60.0
         # resolved in start()
@@ -182,6 +183,8 @@ class KafkaTopic(Source, Sink):
         return self._sink
 
     def for_lane(self, lane: str) -> Sink:
+        if self._ctx is None:  # the runtime takes its dead-letter writer before start()
+            return _LateWriter(self, lane)
         return self._sink_side().for_lane(lane)
 
     def write(self, batch: Batch) -> None:
@@ -195,3 +198,27 @@ class KafkaTopic(Source, Sink):
         if self._sink is not None:
             self._sink.close()
         self._end()
+
+
+class _LateWriter(Sink):
+    """A lane writer asked for before the topic was started: made at its first use."""
+
+    def __init__(self, topic: KafkaTopic, lane: str) -> None:
+        self._topic, self._lane = topic, lane
+        self._writer: Sink | None = None
+
+    def _get(self) -> Sink:
+        if self._writer is None:
+            self._writer = self._topic._sink_side().for_lane(self._lane)
+        return self._writer
+
+    def write(self, batch: Batch) -> None:
+        self._get().write(batch)
+
+    def flush(self, checkpoint_id: str) -> None:
+        if self._writer is not None:
+            self._writer.flush(checkpoint_id)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

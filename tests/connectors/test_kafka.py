@@ -345,3 +345,17 @@ def test_bad_options_are_config_errors() -> None:
         kafka.topic("t", start="middle")
     with pytest.raises(ConfigError, match="include"):
         kafka.topic("t", include=["colour"])
+
+
+def test_dead_letters_can_go_to_a_kafka_topic(kafka_tansu: KafkaServer, tmp_path: Path) -> None:
+    topic, dlq = kafka_tansu.topic_name("in"), kafka_tansu.topic_name("dlq")
+    create_topic(kafka_tansu, topic, 2)
+    produce(kafka_tansu, topic, [b'{"id": 1}', b"oops", b'{"id": 2}'])
+    p = sf.Pipeline("dlq", run_dir=str(tmp_path / "run"))
+    p.dead_letter(kafka.topic(dlq, create=True))
+    out = memory.sink()
+    p.source(kafka.topic(topic, group=kafka_tansu.topic_name("g"), schema={"id": pl.Int64})).sink(out)
+    p.run(until_idle=True, settings=kafka_tansu.run_settings())
+    assert sorted(out.frame()["id"].to_list()) == [1, 2]
+    letters, _ = read_topic(kafka_tansu, dlq, str(tmp_path / "r"))
+    assert letters["payload"].to_list() == ["oops"] and letters["error"][0].startswith("malformed JSON")

@@ -180,3 +180,21 @@ def test_kill_9_in_a_kafka_fed_run_then_restart_gives_each_row_once(pg_dsn, pg_t
     back = read(pg_dsn, f"select * from {pg_table}", str(tmp_path / "r"))
     assert back.height == want.height
     assert_frame_equal(sort_frame(back, want.columns), sort_frame(want, want.columns))
+
+
+def test_connection_lost_inside_a_transaction_sends_the_rows_again(pg_server, pg_table, run_dir):
+    from types import SimpleNamespace
+
+    from streamfn.batch import Batch
+
+    sink = postgres.table(pg_table, dsn=pg_server.dsn, retries=8, retry_backoff_s=0.2)
+    sink.start(SimpleNamespace(pipeline="mid"))
+    writer = sink.for_lane("src[0]")
+    writer.write(Batch(pl.DataFrame({"x": list(range(100))}), "src", "0", 0, 99))  # sent, not committed
+    pg_server.stop()  # the open transaction and its rows are gone
+    pg_server.start()
+    writer.write(Batch(pl.DataFrame({"x": list(range(100, 200))}), "src", "0", 100, 199))
+    writer.flush("0000000000001-00000001")
+    writer.close()
+    back = read(pg_server.dsn, f"select x from {pg_table} order by x", run_dir)
+    assert back["x"].to_list() == list(range(200))

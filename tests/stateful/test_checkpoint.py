@@ -124,3 +124,32 @@ def test_checkpoint_setting_overrides_the_pipeline(tmp_path):
     p.run(until_idle=True, handle_signals=False, settings={"checkpoint": elsewhere})
     assert os.listdir(os.path.join(elsewhere, "ticks", "0", "manifests"))
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+
+
+class _Recording(CrashingSource):
+    """Records, at each commit, the position in the newest published manifest of the lane."""
+
+    def __init__(self, data, run_dir: str) -> None:
+        super().__init__(data, fail_after=None, batch_rows=25)
+        self.run_dir, self.seen = run_dir, []
+
+    def open(self, partition, resume):
+        inner, source = super().open(partition, resume), self
+
+        class Partition(type(inner)):  # the same reader, plus a look at the manifests on commit
+            def commit(self, position):
+                names = _manifests(source.run_dir)
+                base = os.path.join(source.run_dir, "checkpoints", "ticks", "0", "manifests")
+                source.seen.append((position, _json(os.path.join(base, names[-1]))["position"]))
+
+        inner.__class__ = Partition
+        return inner
+
+
+def test_the_source_commits_only_positions_a_published_manifest_holds(tmp_path):
+    run_dir = str(tmp_path / "r")
+    source = _Recording(ticks(4, 200), run_dir)
+    p, _ = build(source, run_dir, sf.tumbling("100ms"))
+    p.run(until_idle=True, handle_signals=False)
+    assert len(source.seen) >= 8
+    assert all(committed == published for committed, published in source.seen)

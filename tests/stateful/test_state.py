@@ -217,3 +217,17 @@ def test_table_matches_a_dict_and_its_snapshot_chain_restores_it(ops):
         again = KeyedTable(["k"])
         again.restore(final)
         assert _as_dict(again.frame()) == model
+
+
+def test_join_table_survives_a_restart(run_dir):
+    sentiment = pl.DataFrame({"symbol": ["A", "B"], "score": [0.1, 0.5]})
+    ticks = pl.DataFrame({"symbol": ["A", "B", "A", "B"], "price": [1.0, 2.0, 3.0, 4.0]})
+    outputs = []
+    for seen in (2, 4):  # the second run resumes both sources: only the new ticks come, no table rows
+        p = sf.Pipeline("join_restart", run_dir=run_dir, threads=1)
+        table = p.source(memory.source(sentiment), name="sentiment")
+        out = memory.sink()
+        p.source(memory.source(ticks.head(seen)), name="ticks").join(table, on="symbol").sink(out)
+        p.run(until_idle=True, handle_signals=False)
+        outputs.append(out.frame().rows())
+    assert outputs == [[("A", 1.0, 0.1), ("B", 2.0, 0.5)], [("A", 3.0, 0.1), ("B", 4.0, 0.5)]]
