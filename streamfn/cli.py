@@ -209,8 +209,8 @@ def _optional_observer(args: argparse.Namespace) -> dict[str, Any]:
         importlib.import_module("streamfn.observe")
     except ImportError:
         return {}
-    return {"observe": {"metrics_port": args.metrics_port, "progress": sys.stdout.isatty() and not args.quiet,
-                        "quiet": args.quiet}}
+    # progress: a live view on a terminal, periodic log lines otherwise (observe decides which)
+    return {"observe": {"metrics_port": args.metrics_port, "progress": not args.quiet, "quiet": args.quiet}}
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -135,8 +135,8 @@ class SupervisedJob:
 
     @property
     def restarts(self) -> int:
-        """Worker starts after the first."""
-        return sum(max(0, len(w.exit_codes) - (1 if w.done else 0)) for w in self.supervisor.workers)
+        """Workers that died or failed (each was restarted, or the supervisor gave up)."""
+        return sum(1 for w in self.supervisor.workers for code in w.exit_codes if code != 0)
 
     def wait(self, timeout_s: float) -> int:
         """Wait for the supervisor to end (every worker done, or given up); its exit code."""

@@ -2,8 +2,8 @@
 time), for STREAMFN_SOAK_S seconds (default 30 in CI; e.g. STREAMFN_SOAK_S=600 for a long run).
 
 Checked: the long-lived worker's memory stays flat (RSS sampled each second: the median of the last
-quarter is within 1.3x + 40 MiB of the second quarter's), the group's lag drains to zero once the
-producer stops, and every window of every record produced is exact.
+quarter is within 1.3x + 40 MiB of the second quarter's), the group's lag stays under 30 s of input
+and drains to zero once the producer stops, and every window of every record produced is exact.
 """
 from __future__ import annotations
 
@@ -130,6 +130,7 @@ def test_soak_steady_rate_with_rebalances(tmp_path, kafka_tansu):
     print(f"\nSOAK rss MiB early {early / mib:.0f} late {late / mib:.0f} max {max(samples) / mib:.0f}; "
           f"max lag {max(lags)} records; rate {RATE}/s for {SOAK_S:g}s")
     assert late <= early * 1.3 + 40 * mib, f"RSS grew from {early / mib:.0f} to {late / mib:.0f} MiB"
+    assert max(lags) <= RATE * 30, f"the group fell {max(lags)} records (over 30 s of input) behind"
     df = pl.DataFrame(producer.rows, schema={"symbol": pl.String, "ts": pl.Int64, "price": pl.Float64,
                                              "volume": pl.Int64})
     want = direct(df)
