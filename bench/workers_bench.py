@@ -89,7 +89,7 @@ def run(brokers: str, topic: str, workers: int, work: Path, cpu_loops: int, expe
     """Seconds from `streamfn run [--workers N]` to every window written; then SIGTERM (a drain)."""
     out, group = work / f"out-{workers}", f"bench-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "streamfn.cli", "run", str(JOB), "--brokers", brokers, "--group", group,
-           "--log-format", "json", "--set", "kafka.session.timeout.ms=1000",
+           "--quiet", "--log-format", "json", "--set", "kafka.session.timeout.ms=1000",
            "--set", "kafka.heartbeat.interval.ms=200"]
     if workers > 1:
         cmd += ["--workers", str(workers)]

@@ -103,8 +103,7 @@ class Lane:
                 self.writers[node.name] = node.connector.for_lane(self.id)
         self.dlq_writer = runtime.dead_letter_sink.for_lane(self.id)
         # where sinks' committed rows end: a replay cuts batches there (see Sink.replayed_until)
-        self._replay_cuts = sorted({e for w in self.writers.values()
-                                    if isinstance(e := getattr(w, "replayed_until", lambda: None)(), int)})
+        self._replay_cuts = sorted({e for w in self.writers.values() if isinstance(e := w.replayed_until(), int)})
         self._letters: list[DeadLetter] = []
         self._source_frame: pl.DataFrame | None = None  # rows map 1:1 to offsets
         self.last_commit = time.monotonic()

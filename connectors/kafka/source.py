@@ -65,7 +65,6 @@ class SourceSide:
         self.ctx: RunContext | None = None
         self.consumer: Any = None
         self.queues: dict[str, PartitionQueue] = {}
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

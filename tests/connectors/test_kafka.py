@@ -58,7 +58,8 @@ def ticks(n: int, start: int = 0) -> pl.DataFrame:
                          "price": ids.cast(pl.Float64) / 8})
 
 
-def read_topic(server: KafkaServer, topic: str, run_dir: str, **kw) -> tuple[pl.DataFrame, sf.RunSummary]:
+def read_topic(server: KafkaServer, topic: str | list[str], run_dir: str,
+               **kw) -> tuple[pl.DataFrame, sf.RunSummary]:
     p = sf.Pipeline("read", run_dir=run_dir)
     out = memory.sink()
     p.source(kafka.topic(topic, group=server.topic_name("g"), **kw)).sink(out)
@@ -359,3 +360,23 @@ def test_dead_letters_can_go_to_a_kafka_topic(kafka_tansu: KafkaServer, tmp_path
     assert sorted(out.frame()["id"].to_list()) == [1, 2]
     letters, _ = read_topic(kafka_tansu, dlq, str(tmp_path / "r"))
     assert letters["payload"].to_list() == ["oops"] and letters["error"][0].startswith("malformed JSON")
+
+
+def test_small_read_ahead_pauses_and_resumes_partitions(kafka_tansu: KafkaServer, tmp_path: Path) -> None:
+    topic = kafka_tansu.topic_name("pause")
+    create_topic(kafka_tansu, topic, 2)
+    produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in range(5000)])
+    got, summary = read_topic(kafka_tansu, topic, str(tmp_path / "r"), schema={"id": pl.Int64},
+                              queue_messages=40, consume_batch=25)
+    assert sorted(got["id"].to_list()) == list(range(5000))
+    assert summary.dead_letters == 0
+
+
+def test_one_source_reads_several_topics(kafka_tansu: KafkaServer, tmp_path: Path) -> None:
+    first, second = kafka_tansu.topic_name("a"), kafka_tansu.topic_name("b")
+    for topic, ids in ((first, range(0, 100)), (second, range(100, 250))):
+        create_topic(kafka_tansu, topic, 2)
+        produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in ids])
+    got, summary = read_topic(kafka_tansu, [first, second], str(tmp_path / "r"), schema={"id": pl.Int64})
+    assert sorted(got["id"].to_list()) == list(range(250))
+    assert summary.lanes == 4

@@ -175,7 +175,8 @@ def account(report: FaultReport, got: pl.DataFrame, want: pl.DataFrame, inputs: 
     """
     keys = ["symbol", "window_start"]
     distinct = got.unique()
-    assert distinct.select(keys).is_duplicated().sum() == 0, "a window was published with two different values"
+    twice = distinct.filter(distinct.select(keys).is_duplicated()).sort(keys)
+    assert twice.height == 0, f"windows published with two different values:\n{twice}"
     joined = distinct.join(want, on=keys, how="full", suffix="_want", coalesce=True)
     wrong = joined.filter(pl.col("count").is_null() | pl.col("count_want").is_null()
                           | (pl.col("count") != pl.col("count_want")) | (pl.col("volume") != pl.col("volume_want"))

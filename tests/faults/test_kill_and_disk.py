@@ -76,7 +76,7 @@ def test_disk_full_under_the_checkpoints(tmp_path):
     disk = os.path.join(tmp, "disk")
     mounted = _mount_tmpfs(disk, "4m")
     try:
-        argv = job_argv(tmp, os.path.join(disk, "checkpoints"), 0.03)
+        argv = job_argv(tmp, os.path.join(disk, "checkpoints"), 0.05)
         with SupervisedJob(argv, os.path.join(tmp, "job.log"), max_failures=12) as job:
             for _ in range(3):
                 if not job.wait_running():
