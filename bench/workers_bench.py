@@ -85,35 +85,55 @@ def outputs(out: Path) -> pl.DataFrame:
     return pl.concat(frames).filter(~pl.col("symbol").str.starts_with(END)) if frames else pl.DataFrame()
 
 
-def run(brokers: str, topic: str, workers: int, work: Path, cpu_loops: int, expected: int) -> tuple[float, pl.DataFrame]:
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except OSError:
+                continue
+    return kids
+
+
+def run(brokers: str, topic: str, workers: int, work: Path, cpu_loops: int, expected: int,
+        timeout_s: float) -> tuple[float, pl.DataFrame]:
     """Seconds from `streamfn run [--workers N]` to every window written; then SIGTERM (a drain)."""
-    out, group = work / f"out-{workers}", f"bench-{uuid.uuid4().hex[:8]}"
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    tag = f"{workers}-{group}"
+    out = work / f"out-{tag}"
     cmd = [sys.executable, "-m", "streamfn.cli", "run", str(JOB), "--brokers", brokers, "--group", group,
            "--quiet", "--log-format", "json", "--set", "kafka.session.timeout.ms=1000",
            "--set", "kafka.heartbeat.interval.ms=200"]
     if workers > 1:
         cmd += ["--workers", str(workers)]
-    env = {**os.environ, "TOPIC": topic, "OUT_DIR": str(out), "RUN_DIR": str(work / f"run-{workers}"),
-           "CKPT": str(work / f"checkpoints-{workers}"), "CPU_LOOPS": str(cpu_loops)}
+    env = {**os.environ, "TOPIC": topic, "OUT_DIR": str(out), "RUN_DIR": str(work / f"run-{tag}"),
+           "CKPT": str(work / f"checkpoints-{tag}"), "CPU_LOOPS": str(cpu_loops),
+           "PYTHONFAULTHANDLER": "1"}
     started = time.perf_counter()
-    with open(work / f"log-{workers}.txt", "wb") as log:
+    with open(work / f"log-{tag}.txt", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = started + 600
+            deadline = started + timeout_s
             while time.perf_counter() < deadline and proc.poll() is None:
                 got = outputs(out)
                 if got.height and got.select("symbol", "window_start").unique().height >= expected:
                     break
                 time.sleep(0.1)
             seconds = time.perf_counter() - started
+            if time.perf_counter() >= deadline:  # stuck: every worker's threads to its log, then stop
+                for pid in _children(proc.pid) or [proc.pid]:
+                    os.kill(pid, signal.SIGABRT)
+                time.sleep(2)
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(120)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    if code != 0:
-        raise SystemExit(f"workers={workers} exited {code}; see {work}/log-{workers}.txt")
+    if code != 0 and seconds < timeout_s:
+        raise SystemExit(f"workers={workers} exited {code}; see {work}/log-{tag}.txt")
     return seconds, outputs(out)
 
 
@@ -138,6 +158,7 @@ def main() -> None:
     ap.add_argument("--cpu-loops", type=int, default=8)
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--keep", help="keep the outputs and logs in this folder")
+    ap.add_argument("--timeout", type=float, default=120, help="seconds before a run counts as stuck")
     args = ap.parse_args()
     ticks = generate(args.records)
     expected = answer(ticks)
@@ -149,7 +170,8 @@ def main() -> None:
             topic = f"ticks-{uuid.uuid4().hex[:8]}"
             produce(broker.bootstrap, topic, ticks)
             for workers in [int(w) for w in args.workers.split(",")]:
-                seconds, got = run(broker.bootstrap, topic, workers, Path(tmp), args.cpu_loops, expected.height)
+                seconds, got = run(broker.bootstrap, topic, workers, Path(tmp), args.cpu_loops, expected.height,
+                                   args.timeout)
                 problems = check(got, expected)
                 print(json.dumps({"workers": workers, "records": args.records, "seconds": round(seconds, 2),
                                   "rec_per_s": round(args.records / seconds), "cpus": os.cpu_count(),

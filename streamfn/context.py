@@ -60,3 +60,7 @@ class RunContext:
         """Send records a sink or source could not deliver to the dead-letter sink."""
         self._rt.count_dead_letters(len(letters))
         self._rt.write_dead_letters(self._rt.shared_dlq_writer, letters, "runtime")
+
+    def others_done(self, source: Source) -> bool:
+        """True once every other source of the run has ended (a trigger may then stop too)."""
+        return self._rt.others_done(source)

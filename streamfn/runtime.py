@@ -292,6 +292,14 @@ class Runtime:
                                     "partition was revoked")
         return {lane.partition: lane.position for lane in lanes}
 
+    def others_done(self, source: Source) -> bool:
+        """Whether every source but this one has no open lane and will open none."""
+        mine = self._source_node(source).name
+        with self._cond:
+            open_sources = {name for name, _ in self._lanes}
+        return all(name == mine or (name not in open_sources and node.connector.exhausted())  # type: ignore[union-attr]
+                   for name, node in self.sources.items())
+
     def wake(self, source: Source, partition: str) -> None:
         node = self._source_node(source)
         with self._cond:

@@ -73,7 +73,7 @@ class RateLimit:
     Used on the server's event loop thread only, so it needs no lock.
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_at")
+    __slots__ = ("_at", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         if rate <= 0:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
 import ssl
 
 import httpx
 import polars as pl
 import pytest
+from streamfn.connectors import http
 
 import streamfn as sf
 from streamfn import observe
-from streamfn.connectors import http
 from streamfn.errors import ConfigError
 from tests.servers.http import serving
 
@@ -43,7 +44,7 @@ def self_signed(tmp_path) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -92,6 +93,19 @@ def test_token_from_environment_file_or_setting(run_dir, tmp_path, monkeypatch, 
         refused = client.post(url, json={"x": 1})
         allowed = client.post(url, json={"x": 1}, headers={"authorization": f"Bearer {TOKEN}"})
     assert (refused.status_code, allowed.status_code) == (401, 200)
+
+
+def test_streamfn_invoke_sends_the_token_from_the_environment(run_dir, tmp_path, monkeypatch):
+    cert, key = self_signed(tmp_path)
+    p = echo_pipeline(run_dir, token=TOKEN, tls_cert=cert, tls_key=key)
+    with serving(p) as run:
+        monkeypatch.setenv("STREAMFN_HTTP_CA", cert)
+        monkeypatch.delenv("STREAMFN_HTTP_TOKEN", raising=False)
+        refused, _ = http.invoke(run.url("requests"), b'{"x": 1}')
+        monkeypatch.setenv("STREAMFN_HTTP_TOKEN", TOKEN)
+        status, body = http.invoke(run.url("requests"), b'{"x": 1}')
+    assert refused == 401
+    assert (status, json.loads(body)) == (200, {"x": 1, "y": 2})
 
 
 def test_a_missing_secret_is_a_clear_error(run_dir, monkeypatch):

@@ -94,7 +94,7 @@ class SupervisedJob:
                 else:
                     os.environ[k] = v
 
-    def __enter__(self) -> "SupervisedJob":
+    def __enter__(self) -> SupervisedJob:
         os.chdir(ROOT)  # workers import tests.* from the repository root
         self._thread.start()
         return self
@@ -174,9 +174,16 @@ def account(report: FaultReport, got: pl.DataFrame, want: pl.DataFrame, inputs: 
     crash (the file sink is at-least-once) is an identical copy, never a second value.
     """
     keys = ["symbol", "window_start"]
-    distinct = got.unique()
-    twice = distinct.filter(distinct.select(keys).is_duplicated()).sort(keys)
+    # a window re-emitted after a restore may differ in vwap's last bits: the sum runs over other
+    # batch boundaries. Same count and volume and vwap within 1e-9 is the same window.
+    spread = got.group_by(keys).agg(pl.col("count").n_unique().alias("counts"),
+                                    pl.col("volume").n_unique().alias("volumes"),
+                                    (pl.col("vwap").max() - pl.col("vwap").min()).alias("vwap_spread"),
+                                    pl.col("vwap").max().abs().alias("vwap_abs"))
+    twice = spread.filter((pl.col("counts") > 1) | (pl.col("volumes") > 1)
+                          | (pl.col("vwap_spread") > 1e-9 * pl.col("vwap_abs")))
     assert twice.height == 0, f"windows published with two different values:\n{twice}"
+    distinct = got.unique(subset=keys, keep="first")
     joined = distinct.join(want, on=keys, how="full", suffix="_want", coalesce=True)
     wrong = joined.filter(pl.col("count").is_null() | pl.col("count_want").is_null()
                           | (pl.col("count") != pl.col("count_want")) | (pl.col("volume") != pl.col("volume_want"))

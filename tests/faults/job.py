@@ -13,9 +13,9 @@ import sys
 import time
 
 import polars as pl
+from streamfn.connectors import files
 
 import streamfn as sf
-from streamfn.connectors import files
 from tests.stateful.crash_job import AGGS, SCHEMA
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Never a crash, never a traceback: a 4xx answer with a dead letter, or a one-line
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from streamfn.connectors import http
 
 import streamfn as sf
-from streamfn.connectors import http
 from streamfn.errors import StreamfnError
 from streamfn.export import export_pipeline
 from streamfn.loader import load_pipeline

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import polars as pl
 import pytest
-
 from streamfn.connectors.kafka.broker import free_port, stop_process, wait_listening
+
 from tests.faults.harness import FaultReport, SupervisedJob, account, schedule
 from tests.faults.test_kill_and_disk import job_argv
 from tests.servers.kafka import _noida_binary

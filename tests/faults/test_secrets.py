@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from streamfn.connectors.kafka.config import client_config
 
 from streamfn import observe
-from streamfn.connectors.kafka.config import client_config
 from streamfn.export import export_pipeline
 from streamfn.loader import load_pipeline
 from streamfn.log import JsonFormatter
