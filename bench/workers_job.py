@@ -15,7 +15,7 @@ CPU_LOOPS = int(os.environ.get("CPU_LOOPS", "8"))
 worker = os.environ.get("STREAMFN_WORKER_ID", "0")
 # one checkpoint URL for every worker: a partition's window state follows it on a rebalance
 p = sf.Pipeline("workers_bench", run_dir=os.path.join(os.environ["RUN_DIR"], worker), checkpoint=os.environ["CKPT"],
-                checkpoint_interval="1s")
+                checkpoint_interval="1s", batch_rows=int(os.environ.get("BATCH_ROWS", "5000")))
 ticks = p.source(kafka.topic(os.environ["TOPIC"], format="json", key="symbol",
                              schema={"symbol": pl.String, "ts": pl.Int64, "price": pl.Float64, "volume": pl.Int64}))
 
