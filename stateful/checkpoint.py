@@ -34,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from streamfn.batch import Position
 from streamfn.errors import ConfigError, StreamfnError
+from streamfn.retry import Retry
 from streamfn.stateful.codehash import state_code_hash
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ log = logging.getLogger("streamfn.stateful.checkpoint")
 
 FRAME_REF = "__frame__"
 FORMAT_VERSION = 1
+# A store that is away for a moment (a full disk freed, S3 unreachable) costs a wait; a longer
+# outage fails the lane with one line, and the supervisor's restart resumes from the last manifest.
+_WRITE = Retry("checkpoint write", attempts=5, base_s=0.2, max_s=5.0)
 
 
 class StateMismatch(ConfigError):
@@ -170,7 +174,7 @@ class Checkpointer:
             rel = f"state/{prefix}-{len(files)}-{uuid.uuid4().hex[:8]}.arrow"
             if isinstance(self.fs, LocalFileSystem):
                 self.fs.makedirs(f"{base}/state", exist_ok=True)
-            self.fs.pipe_file(f"{base}/{rel}", data)
+            _WRITE.call(self.fs.pipe_file, f"{base}/{rel}", data)  # a fresh name: safe to retry
             ref = {FRAME_REF: rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                    "rows": value.height}
             files[rel] = {"sha256": ref["sha256"], "bytes": len(data)}
@@ -193,14 +197,12 @@ class Checkpointer:
         if isinstance(self.fs, LocalFileSystem):  # write aside, then hard-link: atomic and exclusive
             self.fs.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{os.path.dirname(path)}/.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
+                _WRITE.call(_write_synced, tmp, data)
                 os.link(tmp, path)
             finally:
-                os.unlink(tmp)
+                if os.path.exists(tmp):  # also when the write failed (e.g. a full disk)
+                    os.unlink(tmp)
             return
         # one PUT: an object store shows the whole object or none; "create" is If-None-Match on S3
         try:
@@ -314,3 +316,11 @@ def _substitute(value: Any, frames: dict[str, pl.DataFrame]) -> Any:
     if isinstance(value, list):
         return [_substitute(v, frames) for v in value]
     return value
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Write a file and make it durable before it is linked into place."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -204,7 +204,7 @@ def _replicas(opts: dict[str, str], triggers: list[dict[str, Any]]) -> dict[str,
         hi = partitions
     if lo > hi:
         raise ConfigError(f"spec.min_replicas ({lo}) is more than the most replicas ({hi}"
-                          + (f", the topic's partition count)" if partitions else ")"))
+                          + (", the topic's partition count)" if partitions else ")"))
     out = {"min": lo, "max": hi}
     if any(t["kind"] == "kafka" for t in triggers):
         out["lagThreshold"] = _int(opts, "lag_threshold", 1000, minimum=1)

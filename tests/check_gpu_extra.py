@@ -30,6 +30,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+               "--target", str(Path(tmp) / "target"),  # older pips take platform options only with a target
                "--report", str(report), "--only-binary=:all:", "--python-version", "3.11",
                "--implementation", "cp"]
         cmd += [arg for p in PLATFORMS for arg in ("--platform", p)]
