@@ -22,6 +22,7 @@ import polars as pl
 from streamfn.batch import Position
 from streamfn.contracts import Reject, SourcePartition
 from streamfn.errors import EndOfInput
+from streamfn.observe.tracing import set_batch_contexts, tracing_active
 
 from streamfn.connectors.http import codec
 
@@ -53,6 +54,7 @@ class Request:
     waiter: "asyncio.Future[Answer] | None" = None
     outputs: list[dict[str, Any]] = field(default_factory=list)
     failed: str | None = None
+    trace: Any = None  # the caller's trace context (traceparent), when a run is traced
 
     @property
     def n_rows(self) -> int:
@@ -139,6 +141,8 @@ class HttpLane(SourcePartition):
                 self.source.deliver([(r.waiter, _answer(r)) for r in taken if r.waiter is not None])
                 frame = None
         self._rows += frame.height
+        if tracing_active():  # the batch's span continues the callers' traces
+            set_batch_contexts(r.trace for r in taken)
         if self.source.responds:
             self._inflight = {r.seq: r for r in taken}
         return frame

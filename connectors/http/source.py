@@ -19,6 +19,7 @@ from streamfn.batch import Position
 from streamfn.contracts import Reject, Source, SourcePartition
 from streamfn.deadletter import DeadLetter
 from streamfn.errors import ConfigError
+from streamfn.observe.tracing import extract_context, tracing_active
 
 from streamfn.connectors.http import codec, security, server as servers
 from streamfn.connectors.http.lane import Answer, HttpLane, Request, error_answer
@@ -196,6 +197,8 @@ class HttpSource(Source):
             lane.reject(Reject(request_id, body[:_MAX_DEAD_LETTER_PAYLOAD], exc.reason))
             self._wake(lane)
             return error_answer(exc.status, exc.reason, request_id)
+        if tracing_active():
+            item.trace = extract_context(request.headers)
         if self.responds:
             item.waiter = asyncio.get_running_loop().create_future()
         first = lane.offer(item)

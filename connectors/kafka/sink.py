@@ -19,6 +19,7 @@ from streamfn.connectors.kafka.topics import kafka
 from streamfn.contracts import Sink
 from streamfn.deadletter import DeadLetter
 from streamfn.errors import ConfigError, StreamfnError
+from streamfn.observe.tracing import inject_headers, tracing_active
 
 if TYPE_CHECKING:
     from streamfn.connectors.kafka.topic import KafkaTopic
@@ -153,10 +154,12 @@ class LaneWriter(Sink):
         produce, poll, topic, callback = self.producer.produce, self.producer.poll, self.side.topic, self._on_delivery
         part = -1 if partition is None else partition
         keys = keys if keys is not None else [None] * len(values)
+        # the sink's span is current here: its traceparent goes with every message of the batch
+        traced = {"headers": inject_headers()} if tracing_active() else {}
         for value, key in zip(values, keys):
             while True:
                 try:
-                    produce(topic, value, key, partition=part, on_delivery=callback)
+                    produce(topic, value, key, partition=part, on_delivery=callback, **traced)
                     break
                 except BufferError:  # the local queue is full: let deliveries drain
                     poll(0.05)
