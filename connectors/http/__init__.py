@@ -35,7 +35,8 @@ def endpoint(path: str = "/", *, port: int | None = None, host: str | None = Non
              max_batch_rows: int = 10_000, max_body_bytes: int = 10 * 1024 * 1024,
              max_pending: int = 10_000, timeout: str | float = "30s",
              max_requests: int | None = None, token: str | None = None, tls_cert: str | None = None,
-             tls_key: str | None = None, rate_limit: str | float | None = None) -> HttpSource:
+             tls_key: str | None = None, rate_limit: str | float | None = None,
+             stop_with_input: bool = False) -> HttpSource:
     """A source fed by requests to `path` (a path ending in '/*' takes everything under it).
 
     Args:
@@ -56,6 +57,8 @@ def endpoint(path: str = "/", *, port: int | None = None, host: str | None = Non
             (else 401): `env:NAME`, `file:PATH`, or the value; default the `http.token` setting.
         tls_cert, tls_key: PEM files; the server then speaks HTTPS (default `http.tls_cert`/`http.tls_key`).
         rate_limit: requests a second this endpoint takes (or 'N/min'); over it, 429 + Retry-After.
+        stop_with_input: stop taking requests once the run's other sources have ended, so a
+            bounded run that also serves (e.g. a replay with a query endpoint) ends by itself.
     """
     if not path.startswith("/"):
         raise ConfigError(f"an endpoint path starts with '/', got {path!r}")
@@ -69,7 +72,8 @@ def endpoint(path: str = "/", *, port: int | None = None, host: str | None = Non
                       lanes=lanes, max_wait_s=parse_duration_s(max_wait), max_batch_rows=max_batch_rows,
                       max_body_bytes=max_body_bytes, max_pending=max_pending,
                       timeout_s=parse_duration_s(timeout), max_requests=max_requests, token=token,
-                      tls_cert=tls_cert, tls_key=tls_key, rate_limit=rate_limit)
+                      tls_cert=tls_cert, tls_key=tls_key, rate_limit=rate_limit,
+                      stop_with_input=stop_with_input)
 
 
 class RespondSink(Sink):

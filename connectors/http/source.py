@@ -44,8 +44,10 @@ class HttpSource(Source):
                  schema: codec.Schema | None, events: bool, lanes: int, max_wait_s: float,
                  max_batch_rows: int, max_body_bytes: int, max_pending: int, timeout_s: float,
                  max_requests: int | None, token: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, rate_limit: str | float | None = None) -> None:
+                 tls_key: str | None = None, rate_limit: str | float | None = None,
+                 stop_with_input: bool = False) -> None:
         self.token, self.tls_cert, self.tls_key, self.rate_limit = token, tls_cert, tls_key, rate_limit
+        self.stop_with_input = stop_with_input
         self.path, self.port, self.host, self.methods = path, port, host, methods
         self.schema, self.events, self.n_lanes = schema, events, lanes
         self.max_wait_s, self.max_batch_rows, self.max_body_bytes = max_wait_s, max_batch_rows, max_body_bytes
@@ -146,7 +148,10 @@ class HttpSource(Source):
         return self._stopping or self.finished_accepting()
 
     def finished_accepting(self) -> bool:
-        """True once max_requests requests were accepted (the trigger then ends)."""
+        """True once max_requests requests were accepted, or (stop_with_input) the run's other
+        sources have ended: the trigger then ends."""
+        if self.stop_with_input and self._ctx is not None and self._ctx.others_done(self):
+            return True
         return self.max_requests is not None and sum(lane.accepted for lane in self._order) >= self.max_requests
 
     def stop(self) -> None:

@@ -162,19 +162,9 @@ def symbol_windows(df: pl.DataFrame) -> pl.DataFrame:
 
 
 # -- 5. GET /symbols/{symbol}: the latest joined window of a symbol, from the join's state ----------
-class ServeWhileReplaying(http.HttpSource):
-    """An http.endpoint that stops taking requests once the replay is over (unless SERVE_AFTER_REPLAY=1)."""
-
-    feeds: tuple[sf.Source, ...] = ()
-
-    def finished_accepting(self) -> bool:
-        replayed = bool(self.feeds) and all(feed.exhausted() for feed in self.feeds)
-        return super().finished_accepting() or (replayed and not SERVE_AFTER_REPLAY)
-
-
-endpoint = http.endpoint("/symbols/*", method="GET", events=True, timeout="10s")
-endpoint.__class__ = ServeWhileReplaying  # the endpoint as http.endpoint() made it, plus when to stop
-endpoint.feeds = (quotes_feed.connector, posts_feed.connector)  # type: ignore[assignment]
+# it stops taking requests with the replay (SERVE_AFTER_REPLAY=1 keeps it answering until Ctrl-C)
+endpoint = http.endpoint("/symbols/*", method="GET", events=True, timeout="10s",
+                         stop_with_input=not SERVE_AFTER_REPLAY)
 symbol_requests = p.source(endpoint, name="symbol_requests")
 
 
