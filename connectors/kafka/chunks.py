@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+from streamfn.observe.tracing import tracing_active
+
 # metadata a source can add as columns; the poller extracts only what was asked for
 INCLUDE = ("key", "partition", "offset", "timestamp", "headers")
 
@@ -25,6 +27,7 @@ class Chunk:
     offsets: list[int] | None = None  # None: first, first + 1, ... (no gaps)
     meta: dict[str, list[Any]] | None = None
     eof: bool = False
+    traces: frozenset[bytes] = frozenset()  # distinct `traceparent` headers, read only when traced
 
     def offset(self, index: int) -> int:
         """The offset of the message at `index`."""
@@ -51,7 +54,9 @@ def make_chunk(messages: list[Any], include: tuple[str, ...]) -> Chunk:
     first, last = messages[0].offset(), messages[-1].offset()
     offsets = None if last - first + 1 == len(messages) else [m.offset() for m in messages]
     meta = {what: _metadata(what, messages) for what in include} if include else None
-    return Chunk(values, first, offsets, meta)
+    traces = frozenset(v for m in messages for k, v in (m.headers() or ()) if k == "traceparent" and v) \
+        if tracing_active() else frozenset()
+    return Chunk(values, first, offsets, meta, traces=traces)
 
 
 def _metadata(what: str, messages: list[Any]) -> list[Any]:

@@ -12,6 +12,7 @@ from streamfn.batch import Position
 from streamfn.connectors.kafka.topics import kafka
 from streamfn.contracts import Reject, SourcePartition
 from streamfn.errors import EndOfInput, StreamfnError
+from streamfn.observe.tracing import extract_context, set_batch_contexts, tracing_active
 
 from streamfn.connectors.kafka.chunks import Chunk, PartitionQueue
 
@@ -55,6 +56,9 @@ class KafkaPartition(SourcePartition):
                 self._position = chunk.next_offset()
         if not data:
             return None
+        if tracing_active():  # the batch's span continues the traces its messages carry
+            carried = set().union(*(c.traces for c in data))
+            set_batch_contexts(extract_context([("traceparent", t)]) for t in carried)
         values = data[0].values if len(data) == 1 else [v for c in data for v in c.values]
         if None in values and self.side.owner.format != "raw":  # tombstones: rejected as empty values
             values = [b"" if v is None else v for v in values]

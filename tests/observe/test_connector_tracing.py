@@ -1,5 +1,5 @@
 """One record's trace, followed for real: an HTTP request's traceparent, through a stage, into the
-headers of the Kafka messages the sink produces (Tansu on loopback)."""
+headers of the Kafka messages the sink produces (Tansu on loopback), and on into the next job."""
 from __future__ import annotations
 
 import time
@@ -11,7 +11,7 @@ import pytest
 
 import streamfn as sf
 from streamfn import observe
-from streamfn.connectors import http, kafka
+from streamfn.connectors import http, kafka, memory
 from tests.servers.http import serving
 from tests.servers.kafka import KafkaServer
 
@@ -58,3 +58,13 @@ def test_an_http_traceparent_reaches_the_kafka_messages(kafka_tansu: KafkaServer
     for h in headers:  # each message names the request's trace and the sink span that produced it
         version, trace, span, flags = h["traceparent"].decode().split("-")
         assert int(trace, 16) == TRACE_ID and int(span, 16) in {s.context.span_id for s in sink_spans}
+
+    # The next job reads those messages: its batch span continues the same trace.
+    exporter.clear()
+    nxt = sf.Pipeline("next_job", run_dir=run_dir + "-next")
+    nxt.source(kafka.topic(topic, group=f"next-{uuid.uuid4().hex[:6]}", start="earliest"), name="scored") \
+        .sink(memory.sink())
+    with observe.start(nxt, tracer_provider=provider):
+        nxt.run(until_idle=True, settings=kafka_tansu.run_settings(), handle_signals=False)
+    batches = [s for s in exporter.get_finished_spans() if s.name == "batch scored"]
+    assert batches and all(s.context.trace_id == TRACE_ID for s in batches)
