@@ -98,7 +98,7 @@ class Pipeline:
         checkpoint_interval: how often each lane flushes its sinks and commits, e.g. "5s".
         run_dir: the local folder for dead letters and checkpoints (default .streamfn/NAME).
         batch_rows: the most rows a source hands over in one batch.
-        threads: lanes run on this many threads (default: the number of CPUs, at least 2).
+        threads: lanes run on this many threads (default: twice the number of CPUs, at least 4).
         max_dead_letters: stop the run once more records than this have failed.
     """
 

@@ -113,7 +113,8 @@ class Runtime:
                 node.connector.start(self.ctx)
                 started_sources.append(node.connector)
                 self.add_partitions(node.connector, node.connector.partitions())
-            n_threads = self.pipeline.threads or max(2, os.cpu_count() or 2)
+            # twice the CPUs: a lane also waits on I/O (files, brokers), and polars runs without the GIL
+            n_threads = self.pipeline.threads or max(4, 2 * (os.cpu_count() or 2))
             for i in range(n_threads):
                 thread = threading.Thread(target=self._worker, name=f"streamfn-lane-{i}", daemon=True)
                 thread.start()
