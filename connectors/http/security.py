@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import time
 from collections.abc import Callable
 
@@ -15,27 +14,6 @@ from streamfn.errors import ConfigError
 
 Answer = tuple[int, bytes, str, dict[str, str]]
 HeaderReader = Callable[[bytes], str | None]
-
-
-def resolve_secret(spec: str, what: str) -> str:
-    """The secret a spec names: `env:NAME`, `file:PATH`, or the value itself."""
-    if spec.startswith("env:"):
-        value = os.environ.get(spec[4:])
-        if not value:
-            raise ConfigError(f"{what}: the environment variable {spec[4:]} is not set or empty")
-        return value
-    if spec.startswith("file:"):
-        try:
-            with open(spec[5:], encoding="utf-8") as f:
-                value = f.readline().strip()
-        except OSError as exc:
-            raise ConfigError(f"{what}: cannot read the secret file {spec[5:]}: {exc.strerror}") from None
-        if not value:
-            raise ConfigError(f"{what}: the secret file {spec[5:]} is empty")
-        return value
-    if not spec:
-        raise ConfigError(f"{what}: the token is empty")
-    return spec
 
 
 def _deny(status: int, message: str, headers: dict[str, str]) -> Answer:

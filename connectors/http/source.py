@@ -20,6 +20,7 @@ from streamfn.contracts import Reject, Source, SourcePartition
 from streamfn.deadletter import DeadLetter
 from streamfn.errors import ConfigError
 from streamfn.observe.tracing import extract_context, tracing_active
+from streamfn.secrets import resolve_secret
 
 from streamfn.connectors.http import codec, security, server as servers
 from streamfn.connectors.http.lane import Answer, HttpLane, Request, error_answer
@@ -119,7 +120,7 @@ class HttpSource(Source):
         if bool(cert) != bool(key):
             raise ConfigError("TLS needs both tls_cert and tls_key (or the settings http.tls_cert, http.tls_key)")
         rate = security.parse_rate(self.rate_limit if self.rate_limit is not None else ctx.setting("http.rate_limit"))
-        token = security.TokenCheck(security.resolve_secret(auth, f"the endpoint {self.path}")) if auth else None
+        token = security.TokenCheck(resolve_secret(auth, f"the endpoint {self.path}")) if auth else None
         limit = security.RateLimit(rate) if rate is not None else None
         if token is None and not security.is_loopback(host):
             log.warning("an HTTP endpoint listens beyond loopback without a token check; set token= "

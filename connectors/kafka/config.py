@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from streamfn.errors import ConfigError
+from streamfn.secrets import SECRET_PREFIXES, resolve_secret
 
 # Without these a Python consumer tops out far below what the broker serves: librdkafka backs
 # off for 1 s once its prefetch queue is full, and its fetches stay small (see docs/kafka.md).
@@ -100,7 +101,14 @@ def client_config(role: str, *, brokers: str, embedded: bool, settings: Mapping[
     conf.update({k: v for k, v in settings_config(settings, role).items() if for_role(k, role)})
     conf.update({k: v for k, v in given.items() if for_role(k, role)})
     conf["bootstrap.servers"] = brokers
+    for key, value in conf.items():  # sasl.password=env:KAFKA_PASSWORD or file:/run/secrets/kafka
+        if _is_secret(key) and isinstance(value, str) and value.startswith(SECRET_PREFIXES):
+            conf[key] = resolve_secret(value, f"the Kafka setting {key}")
     return conf
+
+
+def _is_secret(key: str) -> bool:
+    return "password" in key or "secret" in key or key == "sasl.username"
 
 
 def split_client_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
