@@ -19,13 +19,13 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from streamfn.connectors.files.readers import (CsvPartition, NdjsonPartition, SchemaLock, TablePartition,
-                                               UnreadableFile, arrow_batches, parquet_batches)
-from streamfn.connectors.files.schema import Schema, normalise
+from streamfn.connectors.files.readers import (CsvPartition, NdjsonPartition, TablePartition, UnreadableFile,
+                                               arrow_batches, parquet_batches)
 from streamfn.connectors.files.writers import LaneFileWriter, SharedWriters
 from streamfn.batch import Batch, Position
 from streamfn.contracts import Sink, Source, SourcePartition
 from streamfn.errors import ConfigError
+from streamfn.schema import Schema, SchemaLock, normalise_schema
 from streamfn.timeparse import parse_duration_s
 
 log = logging.getLogger("streamfn.files")
@@ -45,7 +45,7 @@ class Files(Source, Sink):
             raise ConfigError(f"files.{fmt}() needs a URL or path, got {url!r}")
         self.fmt = fmt
         self.url = url
-        self.schema = normalise(schema)
+        self.schema = normalise_schema(schema)
         self.watch = watch
         self.watch_interval_s = parse_duration_s(watch_interval)
         self.max_rows_per_file = max_rows_per_file

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from typing import IO, Any
 
 import numpy as np
@@ -21,26 +20,9 @@ from streamfn.connectors.files.schema import conform_text, conform_typed, infer_
 from streamfn.batch import Position
 from streamfn.contracts import Reject, SourcePartition
 from streamfn.errors import EndOfInput
+from streamfn.schema import SchemaLock
 
 _BLOCK_BYTES = 8 << 20
-
-
-class SchemaLock:
-    """The schema every partition of one source agrees on: given, or inferred by the first reader."""
-
-    def __init__(self, schema: pl.Schema | None) -> None:
-        self._schema = schema
-        self._lock = threading.Lock()
-
-    def get(self) -> pl.Schema | None:
-        return self._schema
-
-    def settle(self, inferred: pl.Schema) -> pl.Schema:
-        """Keep the first inferred schema; later readers get the same one."""
-        with self._lock:
-            if self._schema is None:
-                self._schema = pl.Schema({n: (pl.String() if t == pl.Null else t) for n, t in inferred.items()})
-            return self._schema
 
 
 class NdjsonPartition(SourcePartition):

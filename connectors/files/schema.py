@@ -2,26 +2,12 @@
 do not fit are split off (to the dead letters) instead of failing the batch."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import polars as pl
 
 from streamfn.errors import ConfigError
 
-Schema = Mapping[str, pl.DataType | type[pl.DataType]]
 _TRUE = ["true", "t", "yes", "y", "1"]
 _FALSE = ["false", "f", "no", "n", "0"]
-
-
-def normalise(schema: Schema | pl.Schema | None) -> pl.Schema | None:
-    """A schema given as a dict of polars types (or a pl.Schema), checked."""
-    if schema is None:
-        return None
-    try:
-        return pl.Schema(dict(schema))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"a schema maps column names to polars types, e.g. "
-                          f"{{'price': pl.Float64}}: {exc}") from exc
 
 
 def parse_text(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:

@@ -3,47 +3,18 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from streamfn.errors import ConfigError
+from streamfn.schema import SchemaLock
 
 FORMATS = ("json", "csv", "arrow", "raw")
 # (index of the message in the block, why it was rejected)
 Rejected = list[tuple[int, str]]
-
-
-def normalise_schema(schema: Mapping[str, Any] | pl.Schema | None) -> pl.Schema | None:
-    """A schema given as a dict of polars types (or a pl.Schema), checked."""
-    if schema is None:
-        return None
-    try:
-        return pl.Schema(dict(schema))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"a schema maps column names to polars types, e.g. {{'price': pl.Float64}}: {exc}") from exc
-
-
-class SchemaLock:
-    """The schema all partitions of a source agree on: given, or inferred from the first block."""
-
-    def __init__(self, schema: pl.Schema | None) -> None:
-        self._schema = schema
-        self._lock = threading.Lock()
-
-    def get(self) -> pl.Schema | None:
-        return self._schema
-
-    def settle(self, inferred: pl.Schema) -> pl.Schema:
-        """Keep the first inferred schema (null columns as strings); later callers get the same."""
-        with self._lock:
-            if self._schema is None:
-                self._schema = pl.Schema({n: (pl.String() if t == pl.Null else t) for n, t in inferred.items()})
-            return self._schema
 
 
 class Decoder:

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from streamfn.batch import Batch, Position
 from streamfn.connectors.kafka import broker as _broker
-from streamfn.connectors.kafka.codec import FORMATS, normalise_schema
+from streamfn.connectors.kafka.codec import FORMATS
 from streamfn.connectors.kafka.config import brokers_from, client_config
 from streamfn.connectors.kafka.topics import ensure_topics
 from streamfn.contracts import Sink, Source, SourcePartition
 from streamfn.errors import ConfigError, StreamfnError
+from streamfn.schema import normalise_schema
 from streamfn.timeparse import parse_duration_s
 
 if TYPE_CHECKING:
