@@ -23,32 +23,11 @@ import time
 import uuid
 from pathlib import Path
 
+from ticks_input import make_input  # a sibling module: the benchmarks run as scripts
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-WORKLOAD = ROOT.parent / "shared" / "bench" / "workload.py"
 TARGETS = ("postgres", "delta", "iceberg")
-
-
-def make_input(n: int, files: int, folder: Path) -> Path:
-    """The first n reference ticks cut into `files` NDJSON files (made once, then reused)."""
-    target = folder / f"ticks-{n}-{files}"
-    if (target / "done").exists():
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    whole = folder / f"ticks-{n}.jsonl"
-    if not whole.exists():
-        subprocess.run([sys.executable, str(WORKLOAD), "gen", str(n), str(whole)], check=True)
-    per_file = -(-n // files)
-    with open(whole, "rb") as src:
-        for i in range(files):
-            with open(target / f"part-{i:03d}.jsonl", "wb") as out:
-                for _ in range(per_file):
-                    line = src.readline()
-                    if not line:
-                        break
-                    out.write(line)
-    (target / "done").write_text("ok")
-    return target
 
 
 def _schema() -> dict:
