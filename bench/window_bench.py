@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/window_bench.py [--n 1000000] [--work DIR] [--peers-python PY]
                                            [--skip-peers] [--kafka] [--state-keys 1000000]
+                                           [--rekey-files 4]
 
 ticks (NDJSON) -> filter volume > 0 -> per-symbol tumbling 1 s window: count, sum(volume), VWAP,
 written as Parquet and checked with the shared bench's `workload.py compare`; then the peers
 (polars batched, python loop, bytewax) on the same file, each in its own process; with --kafka,
 the same from a 4-partition topic on a local Tansu broker (streamfn, confluent-kafka + polars,
-bytewax; Quix Streams is left out: ~7k records/s here, see the shared bench README); then one
+bytewax; Quix Streams is left out: ~7k records/s here, see the shared bench README); with
+--rekey-files N, the same rows dealt round-robin over N files, so every symbol is in every file
+and the window is re-keyed across the N lanes (streamfn.stateful.exchange); then one
 table of records/s, peak RSS and ratios. Last, a checkpoint and a restore of a keyed table of
 `--state-keys` keys, full and incremental (1% of the keys changed).
 
@@ -32,7 +35,9 @@ PEERS = [("polars_batched.py", "polars batched"), ("python_loop.py", "python loo
 
 
 def run_streamfn(inp: str, out: str, batch_rows: int) -> None:
-    """Child process: run the pipeline and print the shared bench's result line."""
+    """Child process: run the pipeline and print the shared bench's result line (inp may be a glob)."""
+    import glob
+
     import polars as pl
 
     import streamfn as sf
@@ -41,7 +46,8 @@ def run_streamfn(inp: str, out: str, batch_rows: int) -> None:
     sys.path.insert(0, BENCH_DIR)
     from common import count_lines, report, write_windows  # the shared bench's helpers
 
-    records = count_lines(inp)
+    inputs = sorted(glob.glob(inp))
+    records = sum(count_lines(f) for f in inputs)
     parts = tempfile.mkdtemp(prefix="streamfn-bench-")
     started = time.perf_counter()
     p = sf.Pipeline("bench", run_dir=os.path.join(parts, "run"), batch_rows=batch_rows,
@@ -59,7 +65,8 @@ def run_streamfn(inp: str, out: str, batch_rows: int) -> None:
     ]).sink(files.parquet(os.path.join(parts, "out")))
     p.run(until_idle=True, handle_signals=False)
     write_windows(pl.read_parquet(os.path.join(parts, "out", "*.parquet")), out)
-    report("streamfn window", "file", records, time.perf_counter() - started)
+    name = "streamfn window" if len(inputs) == 1 else f"streamfn window, re-keyed over {len(inputs)} files"
+    report(name, "file", records, time.perf_counter() - started)
 
 
 def run_streamfn_kafka(brokers: str, topic: str, records: int, out: str) -> None:
@@ -123,6 +130,13 @@ def bench_windows(args: argparse.Namespace) -> list[dict]:
     if line:
         line["correct"] = _correct(answer, out)
         results.append(line)
+    if args.rekey_files > 1:
+        spread = _deal_lines(inp, os.path.join(work, "spread"), args.rekey_files)
+        out = os.path.join(work, "streamfn-rekeyed.parquet")
+        line = _child([sys.executable, __file__, "--child", spread, out, "--batch-rows", str(args.batch_rows)])
+        if line:
+            line["correct"] = _correct(answer, out)
+            results.append(line)
     if not args.skip_peers:
         for script, _ in PEERS:
             peer_out = os.path.join(work, script.replace(".py", ".parquet"))
@@ -133,6 +147,17 @@ def bench_windows(args: argparse.Namespace) -> list[dict]:
     if args.kafka:
         results += bench_kafka(args, work, answer)
     return results
+
+
+def _deal_lines(inp: str, folder: str, n: int) -> str:
+    """Deal the input's lines round-robin into n files (each still in event-time order); their glob."""
+    os.makedirs(folder, exist_ok=True)
+    with open(inp, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    for i in range(n):
+        with open(os.path.join(folder, f"ticks-{i}.jsonl"), "wb") as f:
+            f.writelines(lines[i::n])
+    return os.path.join(folder, "ticks-*.jsonl")
 
 
 def bench_kafka(args: argparse.Namespace, work: str, answer: str) -> list[dict]:
@@ -239,6 +264,8 @@ def main() -> None:
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--state-keys", type=int, default=1_000_000)
     ap.add_argument("--kafka", action="store_true", help="also run from a Kafka topic on a local Tansu")
+    ap.add_argument("--rekey-files", type=int, default=4,
+                    help="also run over the input dealt into this many files (re-keyed); 0 or 1: skip")
     ap.add_argument("--child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--child-kafka", nargs=4, metavar=("BROKERS", "TOPIC", "N", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -4,21 +4,23 @@ Each (pipeline, lane) commits its rows together with the highest source offset t
 from (and the checkpoint id) in one transaction of the target. After a crash the source
 re-reads from its last committed offset, which can be behind what the target already holds;
 `ReplayFilter` drops the rows at or below the recorded offset, so nothing lands twice.
-This is a helper for the table connectors, not a connector itself.
+This is a helper for the table connectors, not a connector itself; it also holds what
+they share beyond it (Arrow type fitting, last-row-per-key, a bounded record-batch source).
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import polars as pl
 import pyarrow as pa
 
-from streamfn.batch import Batch
-from streamfn.errors import StreamfnError
+from streamfn.batch import Batch, Position
+from streamfn.contracts import Sink, SourcePartition
+from streamfn.errors import EndOfInput, StreamfnError
 
 log = logging.getLogger("streamfn.tables")
 
@@ -106,6 +108,84 @@ def already_committed(checkpoint_id: str, committed: Progress) -> bool:
     return committed.checkpoint_id is not None and checkpoint_id <= committed.checkpoint_id
 
 
+class LaneWriter(Sink):
+    """One lane's writer into a table: drops replayed rows, buffers, commits once per checkpoint.
+
+    A target supplies `_retry` (its retryable errors), `_load` (what it holds for the lane),
+    `_store` (the pending rows and their progress in one target transaction) and may change
+    `_rows` (a frame as the Arrow table it stores), `_buffered` and `_discard`.
+    """
+
+    def __init__(self, lane: str, *, idempotent: bool, max_buffer_rows: int) -> None:
+        self.lane = lane
+        self._idempotent = idempotent  # upsert/merge: a repeated row overwrites itself
+        self._max_buffer_rows = max_buffer_rows
+        self._filter: ReplayFilter | None = None
+        self._committed = Progress()
+        self._pending = Pending()
+
+    def _retry(self, action: Callable[[], T]) -> T:
+        """Run action with the target's bounded retries."""
+        raise NotImplementedError
+
+    def _load(self) -> Progress:
+        """What the target holds for this lane (read once, before the first write)."""
+        raise NotImplementedError
+
+    def _store(self, pending: Pending, progress: Progress, checkpoint_id: str | None) -> None:
+        """Write the pending rows and the lane's progress in one transaction of the target."""
+        raise NotImplementedError
+
+    def _rows(self, frame: pl.DataFrame) -> pa.Table:
+        """The admitted rows of a batch as the Arrow table the target stores."""
+        return plain_arrow(frame.to_arrow())
+
+    def _buffered(self, rows: pa.Table) -> None:
+        """Called after a batch's rows were buffered (a target may send them early)."""
+
+    def _discard(self) -> None:
+        """Called when the pending rows' checkpoint is already in the target."""
+
+    def _replay_filter(self) -> ReplayFilter:
+        if self._filter is None:
+            self._committed = self._retry(self._load)
+            self._filter = ReplayFilter(self._committed, self.lane, idempotent=self._idempotent)
+        return self._filter
+
+    def replayed_until(self) -> Position:
+        return self._replay_filter().committed.high_offset
+
+    def write(self, batch: Batch) -> None:
+        frame = self._replay_filter().admit(batch)
+        if frame is None or frame.height == 0:
+            return
+        rows = self._rows(frame)
+        self._pending.add(rows, batch)  # kept until committed: a retry writes it again
+        self._buffered(rows)
+        if self._pending.rows >= self._max_buffer_rows:
+            self._commit(None)  # bounded memory: the offsets recorded keep this exactly once
+
+    def flush(self, checkpoint_id: str) -> None:
+        self._replay_filter()
+        if already_committed(checkpoint_id, self._committed):
+            log.info("checkpoint already committed; skipped", extra={"lane": self.lane,
+                                                                     "checkpoint": checkpoint_id})
+            self._discard()
+            self._pending = Pending()
+            return
+        if self._pending.rows:
+            self._commit(checkpoint_id)
+
+    def _commit(self, checkpoint_id: str | None) -> None:
+        pending = self._pending
+        progress = pending.progress(checkpoint_id, self._committed)
+        self._store(pending, progress, checkpoint_id)
+        self._committed = progress
+        self._pending = Pending()
+        log.debug("rows committed", extra={"lane": self.lane, "rows": pending.rows,
+                                           "checkpoint": checkpoint_id, "offset": progress.high_offset})
+
+
 def with_retries(action: Callable[[], T], *, what: str, retryable: tuple[type[BaseException], ...],
                  retries: int, backoff_s: float, on_retry: Callable[[], None] | None = None) -> T:
     """Run action, retrying a bounded number of times on connection-type errors."""
@@ -164,3 +244,64 @@ def _plain_type(t: pa.DataType) -> pa.DataType:
     if pa.types.is_struct(t):
         return pa.struct([pa.field(f.name, _plain_type(f.type), f.nullable) for f in t])
     return t
+
+
+def micros_utc(table: pa.Table) -> pa.Table:
+    """Timestamps in microseconds (UTC when zoned) and no view types: what Delta and Iceberg store."""
+    table = plain_arrow(table)
+    fields = []
+    for f in table.schema:
+        t = f.type
+        if pa.types.is_timestamp(t) and (t.unit != "us" or (t.tz and t.tz != "UTC")):
+            t = pa.timestamp("us", "UTC" if t.tz else None)
+        fields.append(pa.field(f.name, t, f.nullable))
+    target = pa.schema(fields)
+    return table if target.equals(table.schema) else table.cast(target)
+
+
+def last_per_key(rows: pa.Table, key: list[str]) -> pa.Table:
+    """One row per key, the last one (as a replay would leave it), in arrival order."""
+    frame = pl.from_arrow(rows)
+    assert isinstance(frame, pl.DataFrame)
+    return frame.unique(subset=key, keep="last", maintain_order=True).to_arrow().cast(rows.schema)
+
+
+class BatchesPartition(SourcePartition):
+    """A bounded source partition over record batches; position = rows already returned."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch], resume: Position, *,
+                 convert: Callable[[pa.Table], pa.Table] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._batches = iter(batches)
+        self._convert, self._on_close = convert, on_close
+        self._rest: pa.Table | None = None
+        self._rows = 0
+        skip = int(resume or 0)
+        # a resumed read re-reads the same snapshot (or query) up to where it stopped
+        while self._rows < skip and self._take(skip - self._rows) is not None:
+            pass
+
+    def _take(self, max_rows: int) -> pa.Table | None:
+        while self._rest is None or self._rest.num_rows == 0:
+            batch = next(self._batches, None)
+            if batch is None:
+                return None
+            table = pa.Table.from_batches([batch])
+            self._rest = table if self._convert is None else self._convert(table)
+        out, self._rest = self._rest.slice(0, max_rows), self._rest.slice(max_rows)
+        self._rows += out.num_rows
+        return out
+
+    def next_batch(self, max_rows: int) -> pa.Table | None:
+        out = self._take(max_rows)
+        if out is None:
+            raise EndOfInput()
+        return out
+
+    def position(self) -> Position:
+        return self._rows
+
+    def close(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()

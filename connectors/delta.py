@@ -23,10 +23,10 @@ import pyarrow as pa
 
 from streamfn._optional import import_optional
 from streamfn.batch import Batch, Position
-from streamfn.connectors._exactly_once import (Pending, Progress, ReplayFilter, SchemaMismatch,
-                                               describe_schema, plain_arrow, with_retries)
+from streamfn.connectors._exactly_once import (BatchesPartition, LaneWriter, Pending, Progress, SchemaMismatch,
+                                               describe_schema, last_per_key, micros_utc, with_retries)
 from streamfn.contracts import Sink, Source, SourcePartition
-from streamfn.errors import ConfigError, EndOfInput, StreamfnError
+from streamfn.errors import ConfigError, StreamfnError
 
 log = logging.getLogger("streamfn.delta")
 
@@ -54,19 +54,6 @@ def storage_options_for(url: str, given: dict[str, str] | None = None) -> dict[s
         opts["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
     opts.update(given or {})
     return opts
-
-
-def _delta_ready(table: pa.Table) -> pa.Table:
-    """Delta stores timestamps in microseconds (UTC when zoned) and no view types."""
-    table = plain_arrow(table)
-    fields = []
-    for f in table.schema:
-        t = f.type
-        if pa.types.is_timestamp(t) and (t.unit != "us" or (t.tz and t.tz != "UTC")):
-            t = pa.timestamp("us", "UTC" if t.tz else None)
-        fields.append(pa.field(f.name, t, f.nullable))
-    target = pa.schema(fields)
-    return table if target.equals(table.schema) else table.cast(target)
 
 
 class DeltaTableConnector(Source, Sink):
@@ -128,19 +115,17 @@ class DeltaTableConnector(Source, Sink):
     def open(self, partition: str, resume: Position) -> SourcePartition:
         dt = self.open_table(self.version)
         assert dt is not None
-        return _BatchesPartition(dt.to_pyarrow_dataset().to_batches(), resume)
+        return BatchesPartition(dt.to_pyarrow_dataset().to_batches(), resume)
 
 
-class _DeltaLaneWriter(Sink):
+class _DeltaLaneWriter(LaneWriter):
     """One lane's rows: buffered, then one Delta commit (with its txn action) per checkpoint."""
 
     def __init__(self, parent: DeltaTableConnector, lane: str) -> None:
-        self.parent, self.lane = parent, lane
+        super().__init__(lane, idempotent=parent.mode == "merge", max_buffer_rows=parent.max_buffer_rows)
+        self.parent = parent
         self.app_id = f"{parent.pipeline}/{lane}"
-        self._filter: ReplayFilter | None = None
-        self._committed = Progress()
         self._txn_version = -1
-        self._pending = Pending()
 
     def _retry(self, action: Any) -> Any:
         errors = _dl().exceptions
@@ -154,37 +139,15 @@ class _DeltaLaneWriter(Sink):
         self._txn_version = -1 if version is None else int(version)
         return Progress(None, None if version is None else int(version))
 
-    def _replay_filter(self) -> ReplayFilter:
-        if self._filter is None:
-            self._committed = self._retry(self._load)
-            self._filter = ReplayFilter(self._committed, self.lane, idempotent=self.parent.mode == "merge")
-        return self._filter
+    def _rows(self, frame: pl.DataFrame) -> pa.Table:
+        return micros_utc(frame.to_arrow())
 
-    def replayed_until(self) -> Position:
-        return self._replay_filter().committed.high_offset
-
-    def write(self, batch: Batch) -> None:
-        frame = self._replay_filter().admit(batch)
-        if frame is None or frame.height == 0:
-            return
-        self._pending.add(_delta_ready(frame.to_arrow()), batch)
-        if self._pending.rows >= self.parent.max_buffer_rows:
-            self._commit(None)
-
-    def flush(self, checkpoint_id: str) -> None:
-        self._replay_filter()
-        if self._pending.rows:
-            self._commit(checkpoint_id)
-
-    def _commit(self, checkpoint_id: str | None) -> None:
-        pending = self._pending
-        progress = pending.progress(checkpoint_id, self._committed)
+    def _store(self, pending: Pending, progress: Progress, checkpoint_id: str | None) -> None:
         # the txn version is the highest source offset; without int offsets it just counts commits
         version = progress.high_offset if progress.high_offset is not None else self._txn_version + 1
         with self.parent.commit_lock:
             self._retry(lambda: self._write(pending.table(), version, checkpoint_id))
-        self._committed, self._txn_version = progress, version
-        self._pending = Pending()
+        self._txn_version = version
 
     def _write(self, rows: pa.Table, version: int, checkpoint_id: str | None) -> None:
         dl, p = _dl(), self.parent
@@ -195,9 +158,7 @@ class _DeltaLaneWriter(Sink):
         dt = p.open_table()
         try:
             if p.mode == "merge" and dt is not None:
-                frame = pl.from_arrow(rows)
-                assert isinstance(frame, pl.DataFrame)
-                rows = frame.unique(subset=p.key, keep="last", maintain_order=True).to_arrow().cast(rows.schema)
+                rows = last_per_key(rows, p.key)
                 predicate = " AND ".join(f't."{k}" = s."{k}"' for k in p.key)
                 (dt.merge(rows, predicate, source_alias="s", target_alias="t", commit_properties=props)
                  .when_matched_update_all().when_not_matched_insert_all().execute())
@@ -213,37 +174,6 @@ class _DeltaLaneWriter(Sink):
             raise SchemaMismatch(f"delta table {p.url}: the batch ({describe_schema(rows.schema)}) does not "
                                  f"fit the table ({expected}): {exc}; pass schema_mode='merge' to add "
                                  "columns, or cast in a stage") from exc
-
-
-class _BatchesPartition(SourcePartition):
-    """Record batches of a fixed snapshot; position = rows already returned."""
-
-    def __init__(self, batches: Any, resume: Position) -> None:
-        self._batches = iter(batches)
-        self._rest: pa.Table | None = None
-        self._rows = 0
-        skip = int(resume or 0)
-        while self._rows < skip and self._take(skip - self._rows) is not None:
-            pass
-
-    def _take(self, max_rows: int) -> pa.Table | None:
-        while self._rest is None or self._rest.num_rows == 0:
-            batch = next(self._batches, None)
-            if batch is None:
-                return None
-            self._rest = pa.Table.from_batches([batch])
-        out, self._rest = self._rest.slice(0, max_rows), self._rest.slice(max_rows)
-        self._rows += out.num_rows
-        return out
-
-    def next_batch(self, max_rows: int) -> pa.Table | None:
-        out = self._take(max_rows)
-        if out is None:
-            raise EndOfInput()
-        return out
-
-    def position(self) -> Position:
-        return self._rows
 
 
 def table(url: str, *, mode: str = "append", key: list[str] | None = None,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import polars as pl
@@ -20,16 +22,17 @@ import pyarrow as pa
 
 from streamfn._optional import import_optional
 from streamfn.batch import Batch, Position
-from streamfn.connectors._exactly_once import (Pending, Progress, ReplayFilter, SchemaMismatch,
-                                               already_committed, describe_schema, plain_arrow, with_retries)
+from streamfn.connectors._exactly_once import (BatchesPartition, LaneWriter, Pending, Progress, SchemaMismatch,
+                                               describe_schema, last_per_key, micros_utc, with_retries)
 from streamfn.contracts import Sink, Source, SourcePartition
-from streamfn.errors import ConfigError, EndOfInput
+from streamfn.errors import ConfigError
 
 log = logging.getLogger("streamfn.iceberg")
 
 _MODES = ("append", "upsert")
 DEFAULT_DIR = ".streamfn/iceberg"
 Catalog = Any  # pyiceberg.catalog.Catalog, imported at first use
+Written = tuple[int, list[Any]] | None  # (partition spec id, pyiceberg DataFiles); None: not written
 
 
 def _s3_properties() -> dict[str, str]:
@@ -72,25 +75,13 @@ def load_catalog(catalog: str | dict[str, str] | Catalog | None, *, warehouse: s
     return sql.SqlCatalog("streamfn", uri=uri, warehouse=warehouse, **_s3_properties())
 
 
-def _iceberg_ready(table: pa.Table) -> pa.Table:
-    """Iceberg stores timestamps in microseconds (UTC when zoned) and no view types."""
-    table = plain_arrow(table)
-    fields = []
-    for f in table.schema:
-        t = f.type
-        if pa.types.is_timestamp(t) and (t.unit != "us" or (t.tz and t.tz != "UTC")):
-            t = pa.timestamp("us", "UTC" if t.tz else None)
-        fields.append(pa.field(f.name, t, f.nullable))
-    target = pa.schema(fields)
-    return table if target.equals(table.schema) else table.cast(target)
-
-
 class IcebergTable(Source, Sink):
     """One Iceberg table: a sink when given to .sink, a bounded source when given to p.source."""
 
     def __init__(self, catalog: str | dict[str, str] | Catalog | None, identifier: str, *, mode: str,
                  key: list[str] | None, warehouse: str | None, create: bool, evolve_schema: bool,
-                 snapshot_id: int | None, retries: int, retry_backoff_s: float, max_buffer_rows: int) -> None:
+                 snapshot_id: int | None, retries: int, retry_backoff_s: float, max_buffer_rows: int,
+                 file_bytes: int) -> None:
         if mode not in _MODES:
             raise ConfigError(f"iceberg.table mode must be one of {_MODES}, got {mode!r}")
         if mode == "upsert" and not key:
@@ -102,8 +93,24 @@ class IcebergTable(Source, Sink):
         self.create, self.evolve_schema, self.snapshot_id = create, evolve_schema, snapshot_id
         self.retries, self.retry_backoff_s, self.max_buffer_rows = retries, retry_backoff_s, max_buffer_rows
         self.pipeline = "default"
+        self.file_bytes = file_bytes
         self.commit_lock = threading.Lock()  # lanes of one process commit one at a time
         self._catalog: Catalog | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def writers(self) -> ThreadPoolExecutor:
+        """The threads that write data files behind the lanes (started at first use)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="streamfn-iceberg-write")
+            return self._pool
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def default_name(self) -> str:
         return self.identifier.rsplit(".", 1)[-1]
@@ -166,7 +173,7 @@ class IcebergTable(Source, Sink):
         found = self.load()
         assert found is not None
         reader = found.scan(snapshot_id=self.snapshot_id).to_arrow_batch_reader()
-        return _ReaderPartition(reader, resume)
+        return BatchesPartition(reader, resume, on_close=reader.close)
 
 
 def _progress_of(tbl: Any, app_id: str) -> Progress:
@@ -183,15 +190,16 @@ def _progress_of(tbl: Any, app_id: str) -> Progress:
     return Progress()
 
 
-class _IcebergLaneWriter(Sink):
+class _IcebergLaneWriter(LaneWriter):
     """One lane's rows: buffered, then one snapshot per checkpoint with the lane's progress."""
 
     def __init__(self, parent: IcebergTable, lane: str) -> None:
-        self.parent, self.lane = parent, lane
+        super().__init__(lane, idempotent=parent.mode == "upsert", max_buffer_rows=parent.max_buffer_rows)
+        self.parent = parent
         self.app_id = f"{parent.pipeline}/{lane}"
-        self._filter: ReplayFilter | None = None
-        self._committed = Progress()
-        self._pending = Pending()
+        self._unwritten: list[pa.Table] = []  # buffered rows not yet in a data file
+        self._unwritten_bytes = 0
+        self._writes: list[Future[Written]] = []  # data files for the next snapshot, being written
 
     def _retry(self, action: Any) -> Any:
         exc = import_optional("pyiceberg.exceptions", extra="iceberg")
@@ -204,53 +212,82 @@ class _IcebergLaneWriter(Sink):
         tbl = self.parent.load()
         return Progress() if tbl is None else _progress_of(tbl, self.app_id)
 
-    def _replay_filter(self) -> ReplayFilter:
-        if self._filter is None:
-            self._committed = self._retry(self._load)
-            self._filter = ReplayFilter(self._committed, self.lane, idempotent=self.parent.mode == "upsert")
-        return self._filter
+    def _rows(self, frame: pl.DataFrame) -> pa.Table:
+        return micros_utc(frame.to_arrow())
 
-    def replayed_until(self) -> Position:
-        return self._replay_filter().committed.high_offset
+    def _buffered(self, rows: pa.Table) -> None:
+        if self.parent.mode == "upsert":
+            return  # an upsert reads the matched rows: it runs whole at the checkpoint
+        self._unwritten.append(rows)
+        self._unwritten_bytes += rows.nbytes
+        if self._unwritten_bytes >= self.parent.file_bytes:
+            # write-behind: this data file is written while the lane reads on; the snapshot
+            # that adds it to the table is still committed at the checkpoint, with the progress
+            self._writes.append(self.parent.writers().submit(self._write_files, self._take_unwritten()))
 
-    def write(self, batch: Batch) -> None:
-        frame = self._replay_filter().admit(batch)
-        if frame is None or frame.height == 0:
-            return
-        self._pending.add(_iceberg_ready(frame.to_arrow()), batch)
-        if self._pending.rows >= self.parent.max_buffer_rows:
-            self._commit(None)
+    def _take_unwritten(self) -> pa.Table:
+        rows = pa.concat_tables(self._unwritten, promote_options="permissive")
+        self._unwritten, self._unwritten_bytes = [], 0
+        return rows
 
-    def flush(self, checkpoint_id: str) -> None:
-        self._replay_filter()
-        if already_committed(checkpoint_id, self._committed):
-            self._pending = Pending()
-            return
-        if self._pending.rows:
-            self._commit(checkpoint_id)
+    def _write_files(self, rows: pa.Table) -> Written:
+        """Write rows as data files of the table (created, or given new columns, first)."""
+        with self.parent.commit_lock:  # one lane at a time creates the table or adds columns to it
+            tbl, rows = self._retry(lambda: self._prepare(rows))
+        return self._retry(lambda: _data_files(tbl, rows))
 
-    def _commit(self, checkpoint_id: str | None) -> None:
-        pending = self._pending
-        progress = pending.progress(checkpoint_id, self._committed)
+    def _discard(self) -> None:
+        for write in self._writes:
+            write.cancel()  # files already written stay unreferenced (orphan-file maintenance)
+        self._writes, self._unwritten, self._unwritten_bytes = [], [], 0
+
+    def _store(self, pending: Pending, progress: Progress, checkpoint_id: str | None) -> None:
         summary = {"streamfn.app": self.app_id, "streamfn.checkpoint": progress.checkpoint_id or "",
                    "streamfn.high-offset": "" if progress.high_offset is None else str(progress.high_offset)}
-        rows = pending.table()
-        with self.parent.commit_lock:
-            self._retry(lambda: self._write(rows, summary))
-        self._committed = progress
-        self._pending = Pending()
+        lock = self.parent.commit_lock
+        if self.parent.mode == "upsert":
+            rows = pending.table()
+            with lock:
+                self._retry(lambda: self._upsert(rows, summary))
+            return
+        writes, self._writes = self._writes, []
+        written = [write.result() for write in writes]  # a write that failed raises here
+        if self._unwritten:
+            written.append(self._write_files(self._take_unwritten()))
+        # only the snapshot commit (small metadata files) waits for the other lanes
+        with lock:
+            self._retry(lambda: self._append(pending, written, summary))
 
-    def _write(self, rows: pa.Table, summary: dict[str, str]) -> None:
-        p = self.parent
-        tbl = p.load_or_create(rows.schema)
+    def _prepare(self, rows: pa.Table) -> tuple[Any, pa.Table]:
+        tbl = self.parent.load_or_create(rows.schema)
+        return tbl, self._fit(tbl, rows)
+
+    def _upsert(self, rows: pa.Table, summary: dict[str, str]) -> None:
+        tbl = self.parent.load_or_create(rows.schema)
+        schema_id = tbl.schema().schema_id
         rows = self._fit(tbl, rows)
-        if p.mode == "upsert":
-            frame = pl.from_arrow(rows)
-            assert isinstance(frame, pl.DataFrame)
-            rows = frame.unique(subset=p.key, keep="last", maintain_order=True).to_arrow().cast(rows.schema)
-            tbl.upsert(rows, join_cols=p.key, snapshot_properties=summary)
-        else:
-            tbl.append(rows, snapshot_properties=summary)
+        if tbl.schema().schema_id != schema_id and tbl.current_snapshot() is not None:
+            # pyiceberg's upsert reads the matched rows with the schema of the branch head's
+            # snapshot: an empty snapshot under the new schema lets it see the added columns
+            tbl.append(rows.slice(0, 0))
+        key = self.parent.key
+        tbl.upsert(last_per_key(rows, key), join_cols=key, snapshot_properties=summary)
+
+    def _append(self, pending: Pending, written: list[Written], summary: dict[str, str]) -> None:
+        """Commit one snapshot adding the written data files (or, failing that, the rows)."""
+        tbl = self.parent.load()
+        assert tbl is not None  # created before its first data file was written
+        spec_id = tbl.spec().spec_id
+        if any(w is None or w[0] != spec_id for w in written):  # no helper, or the partitioning changed
+            tbl.append(self._fit(tbl, pending.table()), snapshot_properties=summary)
+            return
+        merge = tbl.metadata.properties.get("commit.manifest-merge.enabled", "false").lower() == "true"
+        with tbl.transaction() as tx:
+            update = tx.update_snapshot(snapshot_properties=summary)
+            with (update.merge_append() if merge else update.fast_append()) as append:
+                for w in written:
+                    for data_file in w[1]:  # type: ignore[index]  # None is handled above
+                        append.append_data_file(data_file)
 
     def _fit(self, tbl: Any, rows: pa.Table) -> pa.Table:
         """Add new columns to the table (schema evolution); cast rows to its types or say why not."""
@@ -279,6 +316,20 @@ class _IcebergLaneWriter(Sink):
         return rows.select(names).cast(pa.schema(fields))
 
 
+def _data_files(tbl: Any, rows: pa.Table) -> Written:
+    """Write rows as the table's Parquet data files, not yet in any snapshot: (spec id, files).
+
+    The same pyiceberg helper `table.append` writes with; None where this pyiceberg lacks it.
+    A crash before the commit leaves unreferenced files, removed by orphan-file maintenance.
+    """
+    try:
+        from pyiceberg.io.pyarrow import _dataframe_to_data_files
+    except ImportError:
+        return None
+    files = _dataframe_to_data_files(table_metadata=tbl.metadata, df=rows, io=tbl.io, write_uuid=uuid.uuid4())
+    return tbl.spec().spec_id, list(files)
+
+
 def _kind(t: pa.DataType) -> str:
     """Types that cast losslessly into each other share a kind (int32 -> int64, string sizes)."""
     if pa.types.is_integer(t):
@@ -298,44 +349,11 @@ def _kind(t: pa.DataType) -> str:
     return str(t)
 
 
-class _ReaderPartition(SourcePartition):
-    """A snapshot's rows from a record batch reader; position = rows already returned."""
-
-    def __init__(self, reader: Any, resume: Position) -> None:
-        self._reader = reader
-        self._rest: pa.Table | None = None
-        self._rows = 0
-        skip = int(resume or 0)
-        while self._rows < skip and self._take(skip - self._rows) is not None:
-            pass
-
-    def _take(self, max_rows: int) -> pa.Table | None:
-        while self._rest is None or self._rest.num_rows == 0:
-            try:
-                self._rest = pa.Table.from_batches([self._reader.read_next_batch()])
-            except StopIteration:
-                return None
-        out, self._rest = self._rest.slice(0, max_rows), self._rest.slice(max_rows)
-        self._rows += out.num_rows
-        return out
-
-    def next_batch(self, max_rows: int) -> pa.Table | None:
-        out = self._take(max_rows)
-        if out is None:
-            raise EndOfInput()
-        return out
-
-    def position(self) -> Position:
-        return self._rows
-
-    def close(self) -> None:
-        self._reader.close()
-
-
 def table(catalog: str | dict[str, str] | Catalog | None, identifier: str, *, mode: str = "append",
           key: list[str] | None = None, warehouse: str | None = None, create: bool = True,
           evolve_schema: bool = True, snapshot_id: int | None = None, retries: int = 5,
-          retry_backoff_s: float = 0.5, max_buffer_rows: int = 1_000_000) -> IcebergTable:
+          retry_backoff_s: float = 0.5, max_buffer_rows: int = 1_000_000,
+          file_bytes: int = 32 << 20) -> IcebergTable:
     """An Iceberg table: an exactly-once sink (`append`, or `upsert` on `key`), or a bounded source.
 
     Args:
@@ -346,10 +364,12 @@ def table(catalog: str | dict[str, str] | Catalog | None, identifier: str, *, mo
         warehouse: where a SQL catalog puts table files (file://..., s3://...).
         evolve_schema: let a batch with new columns add them to the table.
         snapshot_id: as a source, read this snapshot (default: the current one when the run starts).
+        file_bytes: a lane writes its buffered rows out as a data file once they take this many
+            bytes in memory (while it reads on); the snapshot adding them waits for the checkpoint.
     """
     return IcebergTable(catalog, identifier, mode=mode, key=key, warehouse=warehouse, create=create,
                         evolve_schema=evolve_schema, snapshot_id=snapshot_id, retries=retries,
-                        retry_backoff_s=retry_backoff_s, max_buffer_rows=max_buffer_rows)
+                        retry_backoff_s=retry_backoff_s, max_buffer_rows=max_buffer_rows, file_bytes=file_bytes)
 
 
 __all__ = ["IcebergTable", "load_catalog", "table"]

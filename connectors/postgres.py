@@ -17,17 +17,16 @@ import threading
 import urllib.parse
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 
 from streamfn._optional import import_optional
 from streamfn.batch import Batch, Position
-from streamfn.connectors._exactly_once import (Pending, Progress, ReplayFilter, SchemaMismatch,
-                                               already_committed, plain_arrow, with_retries)
+from streamfn.connectors._exactly_once import (BatchesPartition, LaneWriter, Pending, Progress, SchemaMismatch,
+                                               last_per_key, with_retries)
 from streamfn.connectors._postgres_types import (check_and_cast, plain_columns, column_ddl, quote_ident,
                                                  quote_literal, split_name)
 from streamfn.contracts import Sink, Source, SourcePartition
-from streamfn.errors import ConfigError, EndOfInput
+from streamfn.errors import ConfigError
 
 log = logging.getLogger("streamfn.postgres")
 
@@ -174,15 +173,13 @@ class PostgresTable(Sink):
         return self.columns(cur)
 
 
-class _PgLaneWriter(Sink):
+class _PgLaneWriter(LaneWriter):
     """One lane's connection: buffers filtered rows, commits them with the lane's progress."""
 
     def __init__(self, parent: PostgresTable, lane: str) -> None:
-        self.parent, self.lane = parent, lane
+        super().__init__(lane, idempotent=parent.mode == "upsert", max_buffer_rows=parent.max_buffer_rows)
+        self.parent = parent
         self._conn: Any = None
-        self._filter: ReplayFilter | None = None
-        self._committed = Progress()
-        self._pending = Pending()
         self._resend = False  # True once the open transaction lost rows that were sent
 
     def _connection(self) -> Any:
@@ -203,38 +200,19 @@ class _PgLaneWriter(Sink):
                             retryable=_retryable(), retries=self.parent.retries,
                             backoff_s=self.parent.retry_backoff_s, on_retry=self._drop_connection)
 
-    def _progress_where(self) -> str:
+    def _load(self) -> Progress:
         p = self.parent
-        return (f"pipeline = {quote_literal(p.pipeline)} and lane = {quote_literal(self.lane)} "
-                f"and target = {quote_literal(p.table)}")
-
-    def _load_progress(self) -> Progress:
         with self._connection().cursor() as cur:
-            cur.execute(f"select checkpoint_id, high_offset from {quote_ident(self.parent.progress_table)} "
-                        f"where {self._progress_where()}")
+            cur.execute(f"select checkpoint_id, high_offset from {quote_ident(p.progress_table)} "
+                        f"where pipeline = {quote_literal(p.pipeline)} and lane = {quote_literal(self.lane)} "
+                        f"and target = {quote_literal(p.table)}")
             row = cur.fetchone()
         self._conn.commit()
         return Progress(row[0], row[1]) if row else Progress()
 
-    def _replay_filter(self) -> ReplayFilter:
-        if self._filter is None:
-            self._committed = self._retry(self._load_progress)
-            self._filter = ReplayFilter(self._committed, self.lane, idempotent=self.parent.mode == "upsert")
-        return self._filter
-
-    def replayed_until(self) -> Position:
-        return self._replay_filter().committed.high_offset
-
-    def write(self, batch: Batch) -> None:
-        frame = self._replay_filter().admit(batch)
-        if frame is None or frame.height == 0:
-            return
-        table = plain_arrow(frame.to_arrow())
-        self._pending.add(table, batch)  # kept until committed: a retry sends it again
+    def _buffered(self, rows: pa.Table) -> None:
         if not self._resend:
-            self._send_now(table)
-        if self._pending.rows >= self.parent.max_buffer_rows:
-            self._commit(None)  # bounded memory: the offsets recorded keep this exactly once
+            self._send_now(rows)
 
     def _send_now(self, table: pa.Table) -> None:
         """COPY a batch into the lane's open transaction, so COPY overlaps with reading."""
@@ -260,26 +238,14 @@ class _PgLaneWriter(Sink):
             else:
                 self._upsert(cur, rows)
 
-    def flush(self, checkpoint_id: str) -> None:
-        self._replay_filter()
-        if already_committed(checkpoint_id, self._committed):
-            log.info("checkpoint already committed; skipped", extra={"lane": self.lane,
-                                                                     "checkpoint": checkpoint_id})
-            if self._conn is not None:
-                self._rollback(self._conn)
-            self._pending, self._resend = Pending(), False
-            return
-        if self._pending.rows:
-            self._commit(checkpoint_id)
+    def _discard(self) -> None:
+        if self._conn is not None:
+            self._rollback(self._conn)
+        self._resend = False
 
-    def _commit(self, checkpoint_id: str | None) -> None:
-        pending = self._pending
-        progress = pending.progress(checkpoint_id, self._committed)
+    def _store(self, pending: Pending, progress: Progress, checkpoint_id: str | None) -> None:
         self._retry(lambda: self._finish(pending, progress))
-        self._committed = progress
-        self._pending, self._resend = Pending(), False
-        log.debug("rows committed", extra={"lane": self.lane, "rows": pending.rows,
-                                           "checkpoint": checkpoint_id, "offset": progress.high_offset})
+        self._resend = False
 
     def _finish(self, pending: Pending, progress: Progress) -> None:
         """Record the progress and commit; after a lost connection, send every row again first."""
@@ -304,9 +270,7 @@ class _PgLaneWriter(Sink):
     def _upsert(self, cur: Any, rows: pa.Table) -> None:
         p = self.parent
         # a key twice in one statement is an error in Postgres: the later row wins, as in a replay
-        frame = pl.from_arrow(rows)
-        assert isinstance(frame, pl.DataFrame)
-        rows = frame.unique(subset=p.key, keep="last", maintain_order=True).to_arrow().cast(rows.schema)
+        rows = last_per_key(rows, p.key)
         stage = "_streamfn_stage"  # a temporary table: private to this lane's connection
         cur.adbc_ingest(stage, rows, mode="replace", temporary=True)
         cols = ", ".join(quote_ident(c) for c in rows.schema.names)
@@ -359,47 +323,6 @@ def table(table: str, *, dsn: str | None = None, mode: str = "append", key: list
 
 
 # -- bounded source ---------------------------------------------------------------------------------
-class _QueryPartition(SourcePartition):
-    """A query's result read as Arrow record batches; position = rows already returned."""
-
-    def __init__(self, dsn: str, sql: str, resume: Position) -> None:
-        self._conn = _connect(dsn)
-        self._cur = self._conn.cursor()
-        self._cur.execute(sql)
-        self._reader = self._cur.fetch_record_batch()
-        self._rows = 0
-        self._rest: pa.Table | None = None
-        skip = int(resume or 0)
-        while self._rows < skip:  # a re-run query is re-read to the resume point
-            if self._take(skip - self._rows) is None:
-                break
-
-    def _take(self, max_rows: int) -> pa.Table | None:
-        if self._rest is None or self._rest.num_rows == 0:
-            try:
-                self._rest = plain_columns(pa.Table.from_batches([self._reader.read_next_batch()]))
-            except StopIteration:
-                return None
-        out, self._rest = self._rest.slice(0, max_rows), self._rest.slice(max_rows)
-        self._rows += out.num_rows
-        return out
-
-    def next_batch(self, max_rows: int) -> pa.Table | None:
-        out = self._take(max_rows)
-        if out is None:
-            raise EndOfInput()
-        return out
-
-    def position(self) -> Position:
-        return self._rows
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._cur.close()
-            self._conn.close()
-            self._conn = None
-
-
 class PostgresQuery(Source):
     """The rows of one query, as one partition (a backfill or a re-processing job)."""
 
@@ -416,7 +339,19 @@ class PostgresQuery(Source):
         return ["0"]
 
     def open(self, partition: str, resume: Position) -> SourcePartition:
-        return _QueryPartition(resolve_dsn(self._dsn_arg, self._password_file), self.sql, resume)
+        conn = _connect(resolve_dsn(self._dsn_arg, self._password_file))
+        cur = conn.cursor()
+        try:
+            cur.execute(self.sql)
+            reader = cur.fetch_record_batch()
+        except BaseException:
+            conn.close()
+            raise
+
+        def close() -> None:
+            cur.close()
+            conn.close()
+        return BatchesPartition(reader, resume, convert=plain_columns, on_close=close)
 
 
 def query(sql: str, *, dsn: str | None = None, password_file: str | None = None,

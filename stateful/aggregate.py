@@ -10,6 +10,7 @@ from streamfn.contracts import StageRunner
 from streamfn.errors import GraphError, StageError
 from streamfn.pipeline import Node
 from streamfn.stateful import partials as P
+from streamfn.stateful.keygroup import keyed_runner
 from streamfn.stateful.keys import KeyOwners
 from streamfn.stateful.store import KeyedTable
 
@@ -17,9 +18,9 @@ if TYPE_CHECKING:
     from streamfn.lane import Lane
 
 
-def aggregate_stage(node: Node, spec: dict[str, Any], lane: "Lane") -> "AggregateStage":
-    """Build the running-aggregate stage of one lane (called by the runtime)."""
-    return AggregateStage(node, spec, lane)
+def aggregate_stage(node: Node, spec: dict[str, Any], lane: "Lane") -> StageRunner:
+    """Build the running-aggregate stage of one lane (called by the runtime); re-keyed when it must be."""
+    return keyed_runner(lane, node, list(spec["by"]), lambda at: AggregateStage(node, spec, at))
 
 
 class AggregateStage(StageRunner):

@@ -5,6 +5,10 @@ Layout under the checkpoint URL, per lane (source and partition):
     <source>/<partition>/state/<checkpoint id>-<stage>-<n>.arrow    Arrow IPC (lz4) frames
     <source>/<partition>/manifests/<sequence>.json                  what a restore needs
 
+A source whose lanes feed a re-keyed stage (streamfn.stateful.exchange) checkpoints its lanes
+together: one manifest under `<source>/%23keyed/` holds every lane's position and every
+key-lane's state, written while no batch is in flight.
+
 Manifests are numbered per lane (000000000000.json, 000000000001.json, ...): a process that
 takes a partition over continues the numbering of the checkpoint it restored, and publishes
 each number exclusively (a hard link on local disk, `If-None-Match: *` on S3), so a worker
@@ -35,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from streamfn.batch import Position
 from streamfn.errors import ConfigError, StreamfnError
 from streamfn.retry import Retry
+from streamfn.stateful import keygroup
 from streamfn.stateful.codehash import state_code_hash
 
 if TYPE_CHECKING:
@@ -75,6 +80,7 @@ class Checkpointer:
         self._reset_done: set[tuple[str, str]] = set()
         self._next_seq: dict[tuple[str, str], int] = {}
         self._last_saved: dict[tuple[str, str], tuple[str, Any]] = {}  # (files, position) per lane
+        self.runtime: Runtime | None = None  # set for a run: re-keyed sources checkpoint as a group
 
     @classmethod
     def for_runtime(cls, runtime: "Runtime") -> "Checkpointer":
@@ -88,6 +94,8 @@ class Checkpointer:
         reset = settings.get("state.reset", "") in ("1", "true", "yes")
         checkpointer = cls(url, pipeline=runtime.pipeline.name, code_hash=state_code_hash(runtime.order),
                            keep=keep, reset=reset, storage_options=storage)
+        checkpointer.runtime = runtime
+        keygroup.check_declared_keys(runtime)  # before any source starts
         log.info("checkpoints", extra={"url": url, "keep": keep, "reset": reset,
                                        "code_hash": checkpointer.code_hash})
         return checkpointer
@@ -103,11 +111,17 @@ class Checkpointer:
     # -- the runtime's calls ----------------------------------------------------------------
     def resume_position(self, source: str, partition: str) -> Position:
         """Where the lane should start reading: the position of the latest good checkpoint."""
+        if self.runtime is not None and keygroup.group_mode(self.runtime, source):
+            return keygroup.KeyGroup.for_source(self.runtime, source).resume_position(partition)
         loaded = self._load(source, partition)
         return None if loaded is None else loaded[0]["position"]
 
     def restore_lane(self, lane: "Lane") -> None:
         """Load every stage's state of this lane from the latest good checkpoint."""
+        group = getattr(lane, "group", None)
+        if group is not None:  # re-keyed: the key-lanes were restored with the group
+            group.restore_lane(lane)
+            return
         key = (lane.source.name, lane.partition)
         loaded = self._load(*key)
         self._loaded.pop(key, None)
@@ -139,28 +153,72 @@ class Checkpointer:
             snap = runner.snapshot(checkpoint_id)
             if snap is not None:
                 stages[name] = self._write_frames(snap, base, f"{checkpoint_id}-{quote(name, safe='')}", files)
-        key = (lane.source.name, lane.partition)
-        if self._last_saved.get(key) == (json.dumps(files, sort_keys=True), lane.position):
+        self._publish_manifest((lane.source.name, lane.partition), base, checkpoint_id, lane.position,
+                               {"stages": stages}, files, started)
+
+    def save_group(self, group: "keygroup.KeyGroup", checkpoint_id: str) -> None:
+        """Write a key group's state (every key-lane, every lane's own), then its one manifest."""
+        started = time.perf_counter()
+        partition = keygroup.GROUP_PARTITION
+        base = self.lane_dir(group.source, partition)
+        self._reset_if_asked(group.source, partition)
+        files: dict[str, dict[str, Any]] = {}
+        body = group.snapshot(checkpoint_id)
+        stages = self._write_frames(body["stages"], base, f"{checkpoint_id}-keyed", files)
+        lanes = self._write_frames(body["lanes"], base, f"{checkpoint_id}-lanes", files)
+        self._publish_manifest((group.source, partition), base, checkpoint_id, body["position"],
+                               {"stages": stages, "lanes": lanes, "key_lanes": body["key_lanes"]}, files, started)
+
+    def load_group(self, source: str) -> dict[str, Any] | None:
+        """The latest good checkpoint of a key group, its frames loaded (None: there is none)."""
+        key = (source, keygroup.GROUP_PARTITION)
+        loaded = self._load(*key)
+        self._loaded.pop(key, None)
+        if loaded is None:
+            if not self.reset and self._lane_checkpoints_exist(source):
+                raise StateMismatch(f"source {source!r}: the checkpoint at {self.url} holds state per lane, "
+                                    "but this run re-keys it across lanes (the source now has several "
+                                    "partitions); run with --reset-state to start over")
+            return None
+        manifest, frames = loaded
+        log.info("key group restored", extra={"source": source, "checkpoint": manifest["checkpoint_id"],
+                                               "key_lanes": manifest.get("key_lanes")})
+        return _substitute(manifest, frames)  # type: ignore[no-any-return]
+
+    def _lane_checkpoints_exist(self, source: str) -> bool:
+        root = f"{self.root.rstrip('/')}/{quote(source, safe='')}"
+        try:
+            names = self.fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return False
+        group = quote(keygroup.GROUP_PARTITION, safe="")
+        return any(os.path.basename(n.rstrip("/")) != group for n in names)
+
+    def _publish_manifest(self, key: tuple[str, str], base: str, checkpoint_id: str, position: Any,
+                          body: dict[str, Any], files: dict[str, dict[str, Any]], started: float) -> None:
+        """Publish the next manifest of a lane (or key group), unless nothing changed; drop old ones."""
+        lane_id = f"{key[0]}[{key[1]}]"
+        if self._last_saved.get(key) == (json.dumps(files, sort_keys=True), position):
             return  # an idle lane: same position, same state files, nothing to publish
         seq = self._next_seq.get(key)
         if seq is None:
             seq = self._seq_after(self._manifests(base))
         manifest = {
             "format": FORMAT_VERSION, "seq": seq, "checkpoint_id": checkpoint_id, "pipeline": self.pipeline,
-            "lane": lane.id, "source": lane.source.name, "partition": lane.partition,
-            "position": lane.position, "code_hash": self.code_hash, "stages": stages, "files": files,
+            "lane": lane_id, "source": key[0], "partition": key[1],
+            "position": position, "code_hash": self.code_hash, **body, "files": files,
             "created": time.time(),
         }
         path = f"{base}/manifests/{seq:012d}.json"
         try:
             self._publish(path, json.dumps(manifest).encode())
         except FileExistsError:
-            raise LaneTakenOver(f"lane {lane.id}: another process published checkpoint {seq} of this lane "
+            raise LaneTakenOver(f"lane {lane_id}: another process published checkpoint {seq} of this lane "
                                 f"at {base}; this process no longer owns the partition and stops") from None
         self._next_seq[key] = seq + 1
-        self._last_saved[key] = (json.dumps(files, sort_keys=True), lane.position)
+        self._last_saved[key] = (json.dumps(files, sort_keys=True), position)
         self._collect_garbage(base)
-        log.debug("checkpoint saved", extra={"lane": lane.id, "checkpoint": checkpoint_id,
+        log.debug("checkpoint saved", extra={"lane": lane_id, "checkpoint": checkpoint_id,
                                              "files": len(files),
                                              "seconds": round(time.perf_counter() - started, 4)})
 

@@ -1,9 +1,11 @@
 """Which lane owns which key: state must live in exactly one lane per key.
 
-Lanes are source partitions; per-lane state is right only when the source is partitioned by
-the stage's key (a Kafka topic keyed by it, one file per key group, one partition). This
-guard notices when the same key arrives in two lanes of this process and stops the run with
-a clear message instead of emitting split, wrong windows.
+Lanes are source partitions. A source that is not partitioned by a stage's key is re-keyed in
+this process (streamfn.stateful.exchange: key-lanes chosen by a stable hash). Per-lane state
+remains where the source says it is partitioned by the key (`partitioned_by`, a Kafka topic's
+key=) or where a consumer group assigns partitions across processes (Kafka), which an
+in-process exchange cannot re-key. This guard notices when, there, the same key arrives in two
+lanes of this process and stops the run with a clear message instead of emitting split windows.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class KeyOwners:
     @classmethod
     def for_stage(cls, lane: "Lane", stage: str, keys: list[str]) -> "KeyOwners":
         """The run-wide registry of a stage (created by the first lane that asks)."""
+        if getattr(lane, "keyed", False):  # a key-lane: keys reach it by hash, never split
+            return _Unguarded(stage, keys)
         with _REGISTRY_LOCK:
             registry = getattr(lane.rt, _REGISTRY_ATTR, None)
             if registry is None:
@@ -73,5 +77,17 @@ class KeyOwners:
         example = hashed.filter(pl.col("__h").is_in(list(shared)[:1])).select(self.keys).row(0)
         raise KeySplitError(
             f"stage {self.stage!r}: key {example} arrives in lanes {other} and {lane_id}; keyed state "
-            f"must live in one lane per key: partition the source by {self.keys} (e.g. a Kafka topic "
-            "keyed by it) or read it as one partition")
+            f"must live in one lane per key, and this source's partitions are assigned across processes "
+            f"(a consumer group), so it cannot be re-keyed here: produce the topic keyed by {self.keys} "
+            f"(kafka.topic(..., key={self.keys[0]!r}) on the producing side), or re-key in an upstream "
+            "job that writes such a topic")
+
+
+class _Unguarded(KeyOwners):
+    """No guard: a key-lane of a re-keyed stage."""
+
+    def claim(self, frame: pl.DataFrame, lane_id: str) -> None:
+        """Nothing to check."""
+
+    def release(self, lane_id: str) -> None:
+        """Nothing to forget."""

@@ -12,6 +12,7 @@ from streamfn.contracts import StageRunner
 from streamfn.deadletter import DeadLetter, row_payload
 from streamfn.errors import StageError
 from streamfn.pipeline import Node
+from streamfn.stateful.keygroup import keyed_runner
 from streamfn.stateful.keys import KeyOwners
 from streamfn.stateful.store import KeyedTable
 from streamfn.windows import TableSpec
@@ -22,12 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamfn.stateful.tables")
 
 
-def keyed_function_stage(node: Node, state_spec: Any, lane: "Lane") -> "KeyedFunctionStage":
+def keyed_function_stage(node: Node, state_spec: Any, lane: "Lane") -> StageRunner:
     """Build the stage of one lane for a function with keyed state (called by the runtime)."""
     if not isinstance(state_spec, TableSpec):
         raise StageError(node.name, lane.source.name, lane.partition, None,
                          f"state= takes sf.table(key=...), got {state_spec!r}")
-    return KeyedFunctionStage(node, state_spec, lane)
+    return keyed_runner(lane, node, list(state_spec.key), lambda at: KeyedFunctionStage(node, state_spec, at))
 
 
 class KeyedFunctionStage(StageRunner):

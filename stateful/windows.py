@@ -13,6 +13,7 @@ from streamfn.errors import StageError
 from streamfn.pipeline import Node
 from streamfn.stateful import partials as P
 from streamfn.stateful import windowmath as W
+from streamfn.stateful.keygroup import keyed_runner
 from streamfn.stateful.keys import KeyOwners
 from streamfn.windows import Hopping, Session, Sliding, Tumbling
 
@@ -24,9 +25,9 @@ log = logging.getLogger("streamfn.stateful.windows")
 _MAX_LATE_LETTERS = 10_000  # per batch; the rest are counted in one summary letter
 
 
-def window_stage(node: Node, spec: dict[str, Any], lane: "Lane") -> "WindowStage":
-    """Build the window stage of one lane (called by the runtime)."""
-    return WindowStage(node, spec, lane)
+def window_stage(node: Node, spec: dict[str, Any], lane: "Lane") -> StageRunner:
+    """Build the window stage of one lane (called by the runtime); re-keyed when it must be."""
+    return keyed_runner(lane, node, list(spec["by"]), lambda at: WindowStage(node, spec, at))
 
 
 class WindowStage(StageRunner):
@@ -55,20 +56,94 @@ class WindowStage(StageRunner):
             return None
         self._saved = None
         self._check_columns(frame, batch)
-        self.owners.claim(frame, self.lane.id)
-        marked = W.with_watermarks(frame.lazy().with_columns(W.event_ms(frame, self.on)),
-                                   self.max_ts, self.lateness_ms)
+        in_order_max = self._in_order_max(frame)
+        if in_order_max is not None:  # no record can be late: the per-record watermark is not needed
+            self._fold(frame.lazy().select(*self.keys, *self.columns, W.event_ms(frame, self.on),
+                                           pl.lit(W.NO_TIME, dtype=pl.Int64).alias(W.WM)))
+            self.owners.claim(self.state, self.lane.id)  # type: ignore[arg-type]
+            self._advance(in_order_max)
+        else:
+            marked = W.with_watermarks(frame.lazy().with_columns(W.event_ms(frame, self.on)),
+                                       self.max_ts, self.lateness_ms)
+            self._advance(self._fold_marked(frame, marked, batch, claim=True))
+        return self._emit(None if self.max_ts is None else self.max_ts - self.lateness_ms)
+
+    def _in_order_max(self, frame: pl.DataFrame) -> int | None:
+        """The batch's largest event time when none of its records can be late, else None.
+
+        Tumbling windows, event times present and in order: a record's watermark is then at most
+        the one before it, which its own window outlives, or the lane's watermark before the
+        batch; so when the first record's window ends after that, no record is late (O(1)).
+        """
+        if not isinstance(self.window, Tumbling) or self.lateness_ms < 0:
+            return None
+        column = frame.get_column(self.on)
+        if isinstance(column.dtype, pl.Datetime):
+            ts = column.dt.epoch("ms")
+        elif column.dtype.is_integer():
+            ts = column.cast(pl.Int64)
+        else:
+            return None
+        if ts.null_count() or not ts.is_sorted():
+            return None
+        size = self.window.size_ms
+        watermark = (W.NO_TIME if self.max_ts is None else self.max_ts) - self.lateness_ms
+        if int(ts[0]) // size * size + size <= watermark:
+            return None
+        return int(ts[-1])
+
+    # -- as one key-lane of a re-keyed stage (streamfn.stateful.exchange) ---------------------
+    def fold_routed(self, frame: pl.DataFrame, marks: pl.DataFrame, batch: Batch) -> pl.DataFrame | None:
+        """Fold rows whose event time and watermark (TS, WM) their source lane computed.
+
+        A record's watermark is its source lane's, but never below what this key-lane already
+        emitted (max_ts - lateness), so a window is emitted once even when a lane joins late.
+        """
+        if frame.height == 0:
+            return None
+        self._saved = None
+        self._check_columns(frame, batch)
+        marked = frame.lazy().with_columns(marks.get_column(W.TS), marks.get_column(W.WM))
+        if self.max_ts is not None:
+            marked = marked.with_columns(pl.max_horizontal(W.WM, pl.lit(self.max_ts - self.lateness_ms)))
+        self._fold_marked(frame, marked, batch)
+        if not self.early or self.state is None or self.state.height == 0:
+            return None
+        return self._finish(self.state, final=False)
+
+    def advance_to(self, max_ts: int | None) -> pl.DataFrame | None:
+        """Move this key-lane's event time to the source lanes' minimum; emit what closed."""
+        if max_ts is None or (self.max_ts is not None and max_ts <= self.max_ts):
+            return None
+        self._saved = None
+        self.max_ts = max_ts
+        return self._emit(max_ts - self.lateness_ms, early=False)
+
+    def _fold_marked(self, frame: pl.DataFrame, marked: pl.LazyFrame, batch: Batch, *,
+                     claim: bool = False) -> int | None:
+        """Dead-letter late records, fold the rest; return the batch's largest event time.
+
+        With claim, the batch's keys are claimed for this lane (KeyOwners): those of the late
+        rows, and those of the rest from the folded state, which holds them once per window
+        (hashing a few hundred keys instead of every row).
+        """
         needed = [*self.keys, *self.columns, W.TS, W.WM]
         late = W.late_mask(self.window) | pl.col(W.TS).is_null()  # no event time: a dead letter too
-        marked = marked.select(needed).with_columns(late.fill_null(True).alias("__late")).collect()
-        late = marked.get_column("__late")
-        if late.any():
-            self._dead_letter_late(frame, batch, marked)
-        batch_max = marked.get_column(W.TS).max()
-        self._fold(marked.lazy().filter(~pl.col("__late")).drop("__late"))
+        rows = marked.select(needed).with_columns(late.fill_null(True).alias("__late")).collect()
+        late_rows = rows.get_column("__late")
+        if late_rows.any():
+            if claim:
+                self.owners.claim(rows.filter(late_rows), self.lane.id)
+            self._dead_letter_late(frame, batch, rows)
+        batch_max = rows.get_column(W.TS).max()
+        self._fold(rows.lazy().filter(~pl.col("__late")).drop("__late"))
+        if claim and self.state is not None:
+            self.owners.claim(self.state, self.lane.id)
+        return None if batch_max is None else int(batch_max)  # type: ignore[arg-type]
+
+    def _advance(self, batch_max: int | None) -> None:
         if batch_max is not None and (self.max_ts is None or batch_max > self.max_ts):
-            self.max_ts = int(batch_max)  # type: ignore[arg-type]
-        return self._emit(None if self.max_ts is None else self.max_ts - self.lateness_ms)
+            self.max_ts = batch_max
 
     def finish(self) -> pl.DataFrame | None:
         """End of bounded input: the watermark jumps to the end and every window is emitted.
@@ -124,18 +199,19 @@ class WindowStage(StageRunner):
             merged = W.merge_fixed(combined, keys, self.plan)
         self.state = merged.select([*keys, W.WS, W.WE, *self.plan.columns]).collect()
 
-    def _emit(self, watermark: int | None) -> pl.DataFrame | None:
+    def _emit(self, watermark: int | None, *, early: bool = True) -> pl.DataFrame | None:
         if self.state is None or watermark is None or self.state.height == 0:
             return None
         if isinstance(self.window, Sliding):
             return self._emit_sliding(watermark)
         closing = pl.col(W.WE) <= watermark
         done = self.state.filter(closing)
-        self.state = self.state.filter(~closing)
+        if done.height:
+            self.state = self.state.filter(~closing)
         outputs = []
         if done.height:
             outputs.append(self._finish(done, final=True))
-        if self.early and self.state.height:
+        if early and self.early and self.state.height:
             outputs.append(self._finish(self.state, final=False))
         if not outputs:
             return None

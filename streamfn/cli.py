@@ -210,7 +210,14 @@ def _optional_observer(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         return {}
     # progress: a live view on a terminal, periodic log lines otherwise (observe decides which)
-    return {"observe": {"metrics_port": args.metrics_port, "progress": not args.quiet, "quiet": args.quiet}}
+    return {"observe": {"metrics_port": _worker_port(args.metrics_port), "progress": not args.quiet,
+                        "quiet": args.quiet}}
+
+
+def _worker_port(port: int | None) -> int | None:
+    """--workers N: worker i serves on PORT + i, so N workers on one host do not clash (0 stays any port)."""
+    worker = os.environ.get("STREAMFN_WORKER_ID")
+    return port + int(worker) if port and worker else port
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

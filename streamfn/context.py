@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from streamfn.batch import Position
-from streamfn.contracts import Source
+from streamfn.contracts import Sink, Source
 from streamfn.deadletter import DeadLetter
 
 if TYPE_CHECKING:
@@ -64,3 +64,16 @@ class RunContext:
     def others_done(self, source: Source) -> bool:
         """True once every other source of the run has ended (a trigger may then stop too)."""
         return self._rt.others_done(source)
+
+    def sinks(self) -> list[Sink]:
+        """The sink connectors of the run's pipeline (the dead-letter sink not included)."""
+        return [node.connector for node in self._rt.order if node.kind == "sink"]  # type: ignore[misc]
+
+    def feeders(self, sink: Sink) -> list[Source]:
+        """The sources whose lanes write to this sink."""
+        return [self._rt.sources[name].connector for name, plan in self._rt.plans.items()  # type: ignore[misc]
+                if any(node.connector is sink for node in plan)]
+
+    def sources_done(self, sources: Iterable[Source]) -> bool:
+        """True once none of these sources has an open lane or will open one."""
+        return self._rt.sources_done(sources)

@@ -31,7 +31,12 @@ def export_pipeline(pipeline: Pipeline, source_path: str, out_dir: str, *, setti
         raise ConfigError(f"export needs the pipeline's file; no such file: {path}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"export writes into a folder; {out_dir} is a file")
-    spec = build_spec(pipeline, source_path, settings=settings)
+    notebook = None
+    if path.endswith(".ipynb"):  # its %nuclio/%streamfn magics: packages, env, build, config
+        from streamfn.nbexport import notebook_parts
+
+        notebook = notebook_parts(path, trigger_kinds=_kinds(pipeline))
+    spec = build_spec(pipeline, source_path, settings=settings, notebook=notebook)
     os.makedirs(os.path.join(out_dir, "k8s"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "wheels"), exist_ok=True)
     spec_text = dump_yaml(spec)
@@ -53,7 +58,10 @@ def export_pipeline(pipeline: Pipeline, source_path: str, out_dir: str, *, setti
             fh.write(text)
         written.append(target)
     code_target = os.path.join(out_dir, os.path.basename(path))
-    if os.path.abspath(code_target) != os.path.abspath(path):
+    if notebook is not None and notebook.code is not None:  # secrets and env files taken out
+        with open(code_target, "wb") as fh:
+            fh.write(notebook.code)
+    elif os.path.abspath(code_target) != os.path.abspath(path):
         shutil.copyfile(path, code_target)
     written.append(code_target)
     log.info("exported", extra={"pipeline": pipeline.name, "out_dir": out_dir, "files": len(written)})
@@ -76,8 +84,19 @@ def dump_yaml(doc: Any) -> str:
                      allow_unicode=True)  # type: ignore[no-any-return]
 
 
+def _kinds(pipeline: Pipeline) -> set[str]:
+    """The trigger kinds of the pipeline's sources (what a notebook's trigger config can map onto)."""
+    from streamfn.spec import _trigger
+
+    # the same reading of a source as the spec's triggers
+    return {_trigger(n, {})["kind"] for n in pipeline.nodes if n.kind == "source"}
+
+
 def _requirements(spec: dict[str, Any]) -> str:
     lines = ["# pinned from the environment that ran 'streamfn export'"]
+    declared = spec["spec"].get("build", {}).get("packages", [])
+    if declared:  # resolved together with the pins, so a pinned package is not upgraded behind them
+        lines = ["# declared by the notebook's `cmd pip install` lines", *declared, *lines]
     return "\n".join(lines + spec["spec"]["packages"]) + "\n"
 
 
@@ -103,6 +122,8 @@ def dockerfile(spec: dict[str, Any]) -> str:
         "RUN pip install --find-links /app/wheels -r /app/requirements.txt",
         f"ARG STREAMFN_REQUIREMENT=streamfn=={s['runtime']['streamfn']}",
         'RUN pip install --find-links /app/wheels "${STREAMFN_REQUIREMENT}"',
+        # the notebook's other `cmd` lines, in order, as root and after the packages (as in Nuclio)
+        *(f"RUN {command}" for command in s.get("build", {}).get("commands", [])),
         f"COPY {SPEC_FILE} {entry} /app/",
         "USER 10001",
         f"EXPOSE {ports}",
@@ -115,7 +136,8 @@ def dockerfile(spec: dict[str, Any]) -> str:
 
 def _labels(spec: dict[str, Any]) -> dict[str, str]:
     md = spec["metadata"]
-    return {"app.kubernetes.io/name": md["name"], "app.kubernetes.io/version": _label_value(md["version"]),
+    own = {k: _label_value(v) for k, v in (md.get("labels") or {}).items()}
+    return {**own, "app.kubernetes.io/name": md["name"], "app.kubernetes.io/version": _label_value(md["version"]),
             "app.kubernetes.io/managed-by": "streamfn"}
 
 
@@ -153,7 +175,9 @@ def deployment(spec: dict[str, Any]) -> dict[str, Any]:
     s = spec["spec"]
     res = s["resources"]
     requests = {"cpu": res["cpu"], "memory": res["memory"]}
-    limits: dict[str, Any] = {"memory": res["memory"]}
+    limits: dict[str, Any] = {"memory": res.get("memoryLimit", res["memory"])}
+    if "cpuLimit" in res:
+        limits = {"cpu": res["cpuLimit"], **limits}
     if res["gpu"]:
         limits["nvidia.com/gpu"] = res["gpu"]
     ports = [{"name": "metrics", "containerPort": s["ports"]["metrics"], "protocol": "TCP"}]

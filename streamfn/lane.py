@@ -5,7 +5,8 @@ import importlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pyarrow as pa
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamfn.lane")
 
 PROGRESS, IDLE, DONE = "progress", "idle", "done"
+_NO_GATE = nullcontext()
 
 
 class StageOutputError(StageError):
@@ -92,6 +94,10 @@ class Lane:
         self.plan = plan
         self.position: Position = reader.position()
         self.stats: dict[str, NodeStats] = {source.name: NodeStats("source")}
+        # a re-keyed stage (streamfn.stateful.exchange) shares state across the lanes of a source:
+        # its group checkpoints them together, and batches in flight hold its gate
+        self.group: Any = None
+        self.gate: Any = _NO_GATE
         self.runners: dict[str, StageRunner] = {}
         self.writers: dict[str, Sink] = {}
         for node in plan:
@@ -132,6 +138,15 @@ class Lane:
         if self.rt.stopping or self.revoke_requested:
             self.close(commit=True)
             return DONE
+        with self.gate:  # commits happen outside: a group checkpoint waits for the batches in flight
+            result = self._step()
+        if result == DONE:
+            self.close(commit=True)
+        else:
+            self._commit_if_due()
+        return result
+
+    def _step(self) -> str:
         before = self.position
         try:
             data = self.reader.next_batch(self._max_rows(before))
@@ -139,12 +154,10 @@ class Lane:
             self._take_rejects()
             self.run_plan({}, Batch(pl.DataFrame(), self.source.name, self.partition, before, before),
                           final=True)
-            self.close(commit=True)
             return DONE
         rejects = self._take_rejects()
         if data is None:
             self._flush_letters()
-            self._commit_if_due()
             return IDLE
         frame = as_frame(data)
         after = self.reader.position()
@@ -162,7 +175,6 @@ class Lane:
             self.obs.batch_end(scope)
         self.position = after
         self._flush_letters()
-        self._commit_if_due()
         return PROGRESS
 
     def _max_rows(self, before: Position) -> int:
@@ -252,13 +264,24 @@ class Lane:
 
     def commit(self) -> None:
         """Flush every sink of this lane, save state, then tell the source what is durable."""
+        if self.group is not None:  # re-keyed state: one checkpoint across the source's lanes
+            self.group.checkpoint(self)
+            return
         checkpoint_id = self.rt.next_checkpoint_id()
         started = time.perf_counter()
+        self.flush(checkpoint_id)
+        saved = self.rt.save_checkpoint(self, checkpoint_id)
+        self.committed(checkpoint_id, started, saved)
+
+    def flush(self, checkpoint_id: str) -> None:
+        """Make this lane's output durable: dead letters and every sink writer."""
         self._flush_letters()
         for writer in self.writers.values():
             writer.flush(checkpoint_id)
         self.dlq_writer.flush(checkpoint_id)
-        saved = self.rt.save_checkpoint(self, checkpoint_id)
+
+    def committed(self, checkpoint_id: str, started: float, saved: Any) -> None:
+        """The checkpoint holding this lane's position is saved: tell the source it is durable."""
         self.reader.commit(self.position)
         self.last_commit = time.monotonic()
         self.obs.checkpoint(self, checkpoint_id, time.perf_counter() - started,
@@ -271,6 +294,8 @@ class Lane:
             if commit:
                 self.commit()
         finally:
+            if self.group is not None:
+                self.group.detach(self)
             for name, writer in self.writers.items():
                 if writer is not self.rt.pipeline.node(name).connector:
                     writer.close()

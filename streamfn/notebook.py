@@ -15,7 +15,6 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from textwrap import indent
-from typing import Any
 
 from streamfn._optional import import_optional
 from streamfn.errors import LoadError
@@ -32,6 +31,7 @@ _OTHER_MAGIC = re.compile(r"^\s*(%|!|\w+\s*=\s*[%!])")
 _OTHER_CELL_MAGIC = re.compile(r"^%%(\w+)")
 _KEEP_BODY_CELL_MAGICS = {"time", "capture", "prun"}  # the body is plain Python: keep it
 _IGNORE_TAGS = {"streamfn-ignore", "nuclio-ignore"}
+_PIP_FLAGS = {"-U", "--upgrade", "-q", "--quiet", "--no-cache-dir", "--pre", "--user", "-v", "--verbose"}
 _SPEC_COMMANDS = {"cmd", "config", "deploy", "build", "export", "show", "help", "verbose", "mount", "add"}
 
 
@@ -175,7 +175,7 @@ def _apply_magic(name: str, args: str, body: list[str], magics: Magics, path: st
             _add_command(re.sub(r"^(--config-only|-c)\s+", "", line), magics)
     elif name == "config":
         for line in lines:
-            match = re.match(r"^([\w.\[\]\-]+)\s*(\+?=)\s*(.*)$", line)
+            match = re.match(r"^([\w.\[\]/\-]+)\s*(\+?=)\s*(.*)$", line)  # '/': nvidia.com/gpu
             if not match:
                 raise LoadError(f"{path}: cannot read config line {line!r}; expected 'spec.KEY = VALUE'")
             magics.config.append((match.group(1), match.group(2), match.group(3).strip()))
@@ -211,8 +211,10 @@ def _add_command(line: str, magics: Magics) -> None:
     except ValueError:
         words = line.split()
     pip_at = next((i for i, w in enumerate(words[:4]) if w in ("pip", "pip3")), None)
-    if pip_at is not None and words[pip_at + 1:pip_at + 2] == ["install"]:
-        magics.packages.extend(w for w in words[pip_at + 2:] if not w.startswith("-"))
+    args = words[pip_at + 2:] if pip_at is not None and words[pip_at + 1:pip_at + 2] == ["install"] else []
+    # only plain requirements become packages; -r FILE, --index-url URL, paths and URLs stay commands
+    if args and all(w in _PIP_FLAGS or not (w.startswith(("-", ".")) or "/" in w) for w in args):
+        magics.packages.extend(w for w in args if w not in _PIP_FLAGS)
     else:
         magics.commands.append(line)
 
@@ -261,13 +263,22 @@ def _check_syntax(code: str, path: str, number: int) -> None:
 
 def load_env_file(path: str, *, base_dir: str | None = None, override: bool = False) -> dict[str, str]:
     """Read KEY=VALUE lines (# comments) into os.environ (keeping what is set, unless override)."""
+    loaded = parse_env_file(path, base_dir=base_dir)
+    for key, value in loaded.items():
+        if override or key not in os.environ:
+            os.environ[key] = os.path.expandvars(value)
+    return loaded
+
+
+def parse_env_file(path: str, *, base_dir: str | None = None) -> dict[str, str]:
+    """An env file's KEY=VALUE lines (# comments skipped), unexpanded; the environment is left alone."""
     full = path if os.path.isabs(path) or base_dir is None else os.path.join(base_dir, path)
     try:
         with open(full, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
         raise LoadError(f"env file {full} cannot be read: {exc.strerror}") from None
-    loaded: dict[str, Any] = {}
+    loaded: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -279,6 +290,4 @@ def load_env_file(path: str, *, base_dir: str | None = None, override: bool = Fa
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         loaded[key.strip()] = value
-        if override or key.strip() not in os.environ:
-            os.environ[key.strip()] = os.path.expandvars(value)
     return loaded

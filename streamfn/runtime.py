@@ -61,9 +61,11 @@ class Runtime:
         self._running: set[Lane] = set()
         self._seq = itertools.count()
         self._finished = threading.Event()
+        self._lane_done = threading.Event()  # wakes the main thread to check for the end at once
         self._totals: dict[str, NodeStats] = {n.name: NodeStats(n.kind) for n in self.order}
         self._dead_letters = 0
         self._lanes_opened = 0
+        self.partition_counts: dict[str, int] = {}  # per source: partitions listed at the start
         self._checkpoints = itertools.count(1)
         self._run_started_ms = int(time.time() * 1000)
         self.observer = observer_for(self)  # streamfn.observe: no-op per batch unless telemetry is on
@@ -112,14 +114,18 @@ class Runtime:
                 assert isinstance(node.connector, Source)
                 node.connector.start(self.ctx)
                 started_sources.append(node.connector)
-                self.add_partitions(node.connector, node.connector.partitions())
+                partitions = node.connector.partitions()
+                self.partition_counts[node.name] = len(partitions)  # several: keyed state may be re-keyed
+                self.add_partitions(node.connector, partitions)
             # twice the CPUs: a lane also waits on I/O (files, brokers), and polars runs without the GIL
             n_threads = self.pipeline.threads or max(4, 2 * (os.cpu_count() or 2))
             for i in range(n_threads):
                 thread = threading.Thread(target=self._worker, name=f"streamfn-lane-{i}", daemon=True)
                 thread.start()
                 threads.append(thread)
-            while not self._finished.wait(0.05):
+            while not self._finished.is_set():
+                self._lane_done.wait(0.05)
+                self._lane_done.clear()
                 self._check_finished()
         except BaseException as exc:
             self.fail(exc)
@@ -240,6 +246,7 @@ class Runtime:
                 self._lanes.pop((lane.source.name, lane.partition), None)
                 for name, stats in lane.stats.items():
                     self._totals[name].add(stats)
+                self._lane_done.set()
             elif result == IDLE and not (self.stopping or lane.revoke_requested):
                 lane.backoff_s = min(max(lane.backoff_s * 2, 0.001), _MAX_IDLE_BACKOFF_S)
                 heapq.heappush(self._sleeping, (time.monotonic() + lane.backoff_s, next(self._seq), lane))
@@ -300,6 +307,14 @@ class Runtime:
             open_sources = {name for name, _ in self._lanes}
         return all(name == mine or (name not in open_sources and node.connector.exhausted())  # type: ignore[union-attr]
                    for name, node in self.sources.items())
+
+    def sources_done(self, sources: Iterable[Source]) -> bool:
+        """Whether these sources have no open lane and will open none."""
+        names = [self._source_node(source).name for source in sources]
+        with self._cond:
+            open_sources = {name for name, _ in self._lanes}
+        return all(name not in open_sources and self.sources[name].connector.exhausted()  # type: ignore[union-attr]
+                   for name in names)
 
     def wake(self, source: Source, partition: str) -> None:
         node = self._source_node(source)

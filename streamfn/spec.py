@@ -14,12 +14,16 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamfn import __version__
 from streamfn._optional import import_optional
 from streamfn.errors import ConfigError
 from streamfn.pipeline import Node, Pipeline
+from streamfn.secrets import resolve_secret
+
+if TYPE_CHECKING:
+    from streamfn.nbexport import NotebookParts
 
 log = logging.getLogger("streamfn.spec")
 
@@ -29,6 +33,8 @@ TRIGGER_KINDS = ("kafka", "http", "cron", "files", "v3io", "memory")
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "access_key", "accesskey", "api_key", "apikey",
                  "credential", "private_key", "sasl.password")
 _SECRET_REF = re.compile(r"^secret:(?P<name>[a-z0-9][-a-z0-9.]*)/(?P<key>[-._a-zA-Z0-9]+)$")
+_VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_URL_PASSWORD = re.compile(r"://[^/\s:@]*:(?P<pw>[^/\s@]+)@")  # scheme://user:password@host
 _ATTR = re.compile(r"^(?P<path>.+?):(?P<attr>[A-Za-z_][A-Za-z0-9_]*)$")
 # packages a RAPIDS base image already has (pinning them again would fight conda)
 _GPU_PROVIDED = re.compile(r"^(cudf|cupy|rmm|pylibcudf|libcudf|libkvikio|librmm|nvidia-|cuda-|numba|llvmlite|"
@@ -66,18 +72,29 @@ def split_target(target: str) -> tuple[str, str | None]:
 
 
 # -- building -----------------------------------------------------------------------------------
-def build_spec(pipeline: Pipeline, source_path: str, *, settings: dict[str, str]) -> dict[str, Any]:
-    """The spec of a loaded pipeline; `spec.*` settings set version, resources and replicas."""
+def build_spec(pipeline: Pipeline, source_path: str, *, settings: dict[str, str],
+               notebook: NotebookParts | None = None) -> dict[str, Any]:
+    """The spec of a loaded pipeline; `spec.*` settings set version, resources and replicas.
+
+    `notebook`: what a notebook's magics declared (settings given here win over its config keys).
+    """
     path, attr = split_target(source_path)
+    if notebook is not None:
+        settings = {**notebook.settings, **settings}
     opts = {k[len("spec."):]: v for k, v in settings.items() if k.startswith("spec.")}
     rest = {k: v for k, v in settings.items() if not k.startswith("spec.")}
-    name = dns_name(pipeline.name)
-    digest = code_hash(path)
+    name = dns_name(opts.get("name") or pipeline.name)
+    code = notebook.code if notebook is not None else None
+    digest = code_hash(path) if code is None else "sha256:" + hashlib.sha256(code).hexdigest()
     engines = {n.name: n.options.get("engine", "cpu") for n in pipeline.nodes if n.kind == "stage"}
     gpu = _int(opts, "gpu", 1 if "gpu" in engines.values() else 0, minimum=0)
     triggers = [_trigger(n, rest) for n in pipeline.nodes if n.kind == "source"]
     packages, local = _pinned_packages(drop_gpu=gpu > 0)
     env, run_settings = _env_and_settings(rest, name)
+    if notebook is not None:  # a variable given with --set env.X wins over the notebook's
+        given = {item["name"] for item in env}
+        env = sorted(env + [i for i in notebook.env_items(name) if i["name"] not in given],
+                     key=lambda item: item["name"])
     entry: dict[str, Any] = {"file": os.path.basename(path)}
     if attr:
         entry["attr"] = attr
@@ -87,7 +104,7 @@ def build_spec(pipeline: Pipeline, source_path: str, *, settings: dict[str, str]
     spec: dict[str, Any] = {
         "entryPoint": entry, "codeHash": digest, "runtime": runtime, "packages": packages,
         "env": env, "settings": run_settings, "triggers": triggers, "engines": engines,
-        "resources": {"cpu": opts.get("cpu", "1"), "memory": opts.get("memory", "1Gi"), "gpu": gpu},
+        "resources": _resources(opts, gpu),
         "replicas": _replicas(opts, triggers),
         "checkpoint": {"url": settings.get("checkpoint", pipeline.checkpoint),
                        "intervalSeconds": pipeline.checkpoint_interval_s},
@@ -98,12 +115,43 @@ def build_spec(pipeline: Pipeline, source_path: str, *, settings: dict[str, str]
     http_ports = [t["port"] for t in triggers if t["kind"] == "http" and "port" in t]
     if http_ports or any(t["kind"] == "http" for t in triggers):
         spec["ports"]["http"] = _int(opts, "http_port", http_ports[0] if http_ports else 8080, minimum=1)
-    doc = {"apiVersion": API_VERSION, "kind": "Function",
-           "metadata": {"name": name, "pipeline": pipeline.name,
-                        "version": opts.get("version", f"0.0.0+{digest[7:19]}")},
-           "spec": spec}
+        if "http_port" in opts:  # the triggers say the port the container listens on
+            for t in (t for t in triggers if t["kind"] == "http"):
+                t["port"] = spec["ports"]["http"]
+                t.pop("url", None)
+    metadata: dict[str, Any] = {"name": name, "pipeline": pipeline.name,
+                                "version": opts.get("version", f"0.0.0+{digest[7:19]}")}
+    if notebook is not None:
+        _add_notebook_parts(spec, metadata, notebook)
+    doc = {"apiVersion": API_VERSION, "kind": "Function", "metadata": metadata, "spec": spec}
     validate_spec(doc, where="the exported spec")
     return doc
+
+
+def _resources(opts: dict[str, str], gpu: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"cpu": opts.get("cpu", "1"), "memory": opts.get("memory", "1Gi"), "gpu": gpu}
+    if "cpu_limit" in opts:
+        out["cpuLimit"] = opts["cpu_limit"]
+    if "memory_limit" in opts:
+        out["memoryLimit"] = opts["memory_limit"]
+    return out
+
+
+def _add_notebook_parts(spec: dict[str, Any], metadata: dict[str, Any], notebook: NotebookParts) -> None:
+    """Build packages and commands, labels, and the config keys kept verbatim."""
+    build = {k: v for k, v in (("packages", notebook.packages), ("commands", notebook.commands)) if v}
+    if build:
+        spec["build"] = build
+    if notebook.verbatim:
+        spec["nuclioConfig"] = notebook.verbatim
+    if notebook.labels:
+        metadata["labels"] = notebook.labels
+
+
+def refers_to_secret(value: str) -> bool:
+    """Whether a `${VAR}` in the value names a secret, or stands for a URL's password."""
+    url = _URL_PASSWORD.search(value)
+    return any(is_secret_key(a or b) for a, b in _VAR_REF.findall(value)) or bool(url and _VAR_REF.search(url["pw"]))
 
 
 def _int(opts: dict[str, str], key: str, default: int, *, minimum: int) -> int:
@@ -293,14 +341,22 @@ def load_spec(path: str) -> tuple[str, dict[str, str]]:
         raise ConfigError(f"{path}: {code} changed since the spec was written (its sha256 is not "
                           f"spec.codeHash); run 'streamfn export' again to make a new version")
     settings: dict[str, str] = {}
-    for item in spec["env"]:
+    for item in spec["env"]:  # secrets first: a value may refer to one as ${VAR}
         var = item["name"]
-        if "value" in item:
-            settings[var] = os.environ.get(var, item["value"])  # the environment wins, as in Kubernetes
-        elif var not in os.environ:
+        if "secretRef" in item and var not in os.environ:
             ref = item["secretRef"]
-            raise ConfigError(f"{path}: ${var} is not set; it comes from secret {ref['name']!r} key "
-                              f"{ref['key']!r} (Kubernetes sets it from the Secret; locally, export it)")
+            if "localSecret" not in item:
+                raise ConfigError(f"{path}: ${var} is not set; it comes from secret {ref['name']!r} key "
+                                  f"{ref['key']!r} (Kubernetes sets it from the Secret; locally, export it)")
+            # into the environment only: settings are shown in status output, secrets never are
+            os.environ[var] = resolve_secret(item["localSecret"], f"{path}: ${var} ({item['localSecret']})")
+    for item in (item for item in spec["env"] if "value" in item):
+        raw = os.environ.get(item["name"], item["value"])  # the environment wins, as in Kubernetes
+        value = os.path.expandvars(raw)  # ${VAR} expands when the function starts
+        if value != raw and refers_to_secret(raw):
+            os.environ[item["name"]] = value  # it holds a secret now: never in the (shown) settings
+        else:
+            settings[item["name"]] = value
     for key, value in spec["settings"].items():
         if isinstance(value, dict):
             settings[key] = os.environ[value["fromEnv"]] if value["fromEnv"] in os.environ else _missing(

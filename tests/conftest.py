@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 pytest_plugins: list[str] = ["tests.servers.postgres", "tests.servers.s3_tables", "tests.servers.kafka",
-                             "tests.servers.s3", "tests.servers.v3io"]
+                             "tests.servers.s3", "tests.servers.v3io", "tests.servers.iceberg_rest"]
 
 
 @pytest.fixture

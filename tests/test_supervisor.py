@@ -189,8 +189,9 @@ def _children(pid: int) -> list[int]:
 
 def test_workers_split_one_consumer_group(kafka_tansu, tmp_path: Path) -> None:
     topic = _topic(kafka_tansu, 3000)
+    # a slow stage (about 2 s per partition) lets the second worker join before the first drains all
     done = subprocess.run(_cli(kafka_tansu, topic, tmp_path, "--workers", "2", "--until-idle"),
-                          env=_env(topic, tmp_path), capture_output=True, text=True, timeout=120)
+                          env=_env(topic, tmp_path, SLOW_S="1.0"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     per_worker = [_outputs(tmp_path / "out" / w) for w in ("0", "1")]
     assert sorted(set(per_worker[0]["id"]) | set(per_worker[1]["id"])) == list(range(3000))
@@ -225,3 +226,49 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(kafka_tansu, tmp_path:
             sup.kill()
             sup.wait()
     assert set(_outputs(tmp_path / "out")["id"]) == set(range(3000))  # at least once, nothing lost
+
+
+def _two_free_ports() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            try:
+                b.bind(("127.0.0.1", a.getsockname()[1] + 1))
+            except OSError:
+                continue
+            return int(a.getsockname()[1])
+    raise AssertionError("no two adjacent free ports on loopback")
+
+
+def test_each_worker_serves_status_on_its_own_port(kafka_tansu, tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    topic = _topic(kafka_tansu, 400)
+    port = _two_free_ports()
+    with open(tmp_path / "supervisor.log", "wb") as err:
+        sup = subprocess.Popen(_cli(kafka_tansu, topic, tmp_path, "--workers", "2", "--metrics-port", str(port)),
+                               env=_env(topic, tmp_path), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        owned: dict[int, set[int]] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (len(owned) == 2 and all(owned.values())
+                                                   and set().union(*owned.values()) == {0, 1, 2, 3}):
+            for worker_port in (port, port + 1):  # worker i on PORT + i
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{worker_port}/status", timeout=2) as answer:
+                        status = json.load(answer)
+                except OSError:
+                    continue
+                owned[worker_port] = {int(p["partition"].rsplit("-", 1)[-1]) for p in status["partitions"]}
+            time.sleep(0.2)
+        assert len(owned) == 2, f"not both workers served /status: {owned}"
+        assert set().union(*owned.values()) == {0, 1, 2, 3} and not owned[port] & owned[port + 1], owned
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(60) == 0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()

@@ -5,7 +5,7 @@
 
 As a source, each file is a partition (read in order; position = records read). As a
 sink, the URL is a directory: each lane writes its own part files there, published
-atomically when the lane commits.
+atomically when the lane commits; with partition_by=[...] in Hive folders (`col=value/`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from streamfn.connectors.files.readers import (CsvPartition, NdjsonPartition, TablePartition, UnreadableFile,
                                                arrow_batches, parquet_batches)
-from streamfn.connectors.files.writers import LaneFileWriter, SharedWriters
+from streamfn.connectors.files.writers import LaneFileWriter, PartitionedLaneWriter, SharedWriters
 from streamfn.batch import Batch, Position
 from streamfn.contracts import Sink, Source, SourcePartition
 from streamfn.errors import ConfigError
@@ -40,9 +41,12 @@ class Files(Source, Sink):
 
     def __init__(self, fmt: str, url: str, *, schema: Schema | None = None, watch: bool = False,
                  watch_interval: str | float = "1s", max_rows_per_file: int = 1_000_000,
-                 options: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
+                 partition_by: Sequence[str] | None = None, overwrite: bool = False) -> None:
         if not isinstance(url, str) or not url:
             raise ConfigError(f"files.{fmt}() needs a URL or path, got {url!r}")
+        if isinstance(partition_by, str) or not all(isinstance(c, str) and c for c in partition_by or ()):
+            raise ConfigError(f"files.{fmt}(partition_by=...) takes a list of column names, got {partition_by!r}")
         self.fmt = fmt
         self.url = url
         self.schema = normalise_schema(schema)
@@ -50,6 +54,9 @@ class Files(Source, Sink):
         self.watch_interval_s = parse_duration_s(watch_interval)
         self.max_rows_per_file = max_rows_per_file
         self.options = options or {}
+        self.partition_by = list(partition_by or [])
+        self.overwrite = overwrite
+        self._overwritten = False
         self.fs, self.path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self._lock_schema = SchemaLock(self.schema)
         self._ctx: Any = None
@@ -72,6 +79,15 @@ class Files(Source, Sink):
     def start(self, ctx: Any) -> None:
         self._ctx = ctx
         self._run_tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{int(time.time() * 1000) % 1000:03d}"
+        if self.overwrite and ctx is not None and any(sink is self for sink in ctx.sinks()):
+            self._remove_earlier_output()
+
+    def _remove_earlier_output(self) -> None:
+        """overwrite=True: this run's output replaces an earlier run's (removed once, before any write)."""
+        if not self._overwritten and self.fs.exists(self.path):
+            log.info("overwrite: removing the earlier output", extra={"sink": self.url})
+            self.fs.rm(self.path, recursive=True)
+        self._overwritten = True
 
     def _matching(self) -> list[str]:
         path = self.path
@@ -143,10 +159,18 @@ class Files(Source, Sink):
             self._watcher.join()
 
     # -- sink ---------------------------------------------------------------------------------
-    def _lane_writer(self, lane: str) -> LaneFileWriter:
+    def _lane_writer(self, lane: str) -> Sink:
         ext = _EXTENSIONS[self.fmt][0]
-        return LaneFileWriter(self.fs, self.path.rstrip("/"), self.fmt, ext, lane, self._run_tag or "0",
-                              self.options, self.max_rows_per_file)
+        base = self.path.rstrip("/")
+
+        def in_folder(folder: str) -> LaneFileWriter:
+            directory = f"{base}/{folder}" if folder else base
+            if folder:
+                self.fs.makedirs(directory, exist_ok=True)
+            return LaneFileWriter(self.fs, directory, self.fmt, ext, lane, self._run_tag or "0",
+                                  self.options, self.max_rows_per_file)
+
+        return PartitionedLaneWriter(self.partition_by, in_folder) if self.partition_by else in_folder("")
 
     def for_lane(self, lane: str) -> Sink:
         if not self._run_tag:
@@ -185,7 +209,7 @@ def csv(url: str, *, schema: Schema | None = None, separator: str = ",", has_hea
 
 def parquet(url: str, *, schema: Schema | None = None, compression: str = "zstd", watch: bool = False,
             **kw: Any) -> Files:
-    """Parquet files (source or sink)."""
+    """Parquet files (source or sink; as a sink, partition_by=[...] writes Hive folders)."""
     return Files("parquet", url, schema=schema, watch=watch, options={"compression": compression}, **kw)
 
 

@@ -23,6 +23,16 @@ from streamfn.errors import EndOfInput
 from streamfn.schema import SchemaLock
 
 _BLOCK_BYTES = 8 << 20
+_COUNT_STEP = 1 << 18
+
+
+def _newlines(buf: bytearray, start: int, end: int) -> int:
+    """The number of newlines in buf[start:end].
+
+    numpy is ~3x bytearray.count; 256 KiB steps keep its temporary mask small and cached.
+    """
+    data = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
+    return sum(int(np.count_nonzero(data[i:i + _COUNT_STEP] == 10)) for i in range(0, len(data), _COUNT_STEP))
 
 
 class NdjsonPartition(SourcePartition):
@@ -32,17 +42,19 @@ class NdjsonPartition(SourcePartition):
         self._stream = stream
         self._schema = schema
         self._line = 0  # lines consumed so far = the position
-        self._buf = b""  # bytes read and not yet handed out start at self._start
-        self._start = 0
-        self._ends = np.empty(0, dtype=np.int64)  # newline offsets in self._buf
-        self._next_end = 0  # the first of them not handed out
+        # one buffer reused for every read (no fresh pages per batch): bytes not yet handed out
+        # are self._buf[self._start:self._end], and hold self._held newlines
+        self._buf = bytearray()
+        self._start = self._end = self._held = 0
+        self._line_bytes = 0.0  # mean bytes per line of the first read: sizes the next ones
+        self._readinto = getattr(stream, "readinto", None)
         self._eof = False
         self._rejects: list[Reject] = []
         self._skip(int(resume or 0))
 
     def _skip(self, lines: int) -> None:
-        while self._line < lines:
-            block = self._read_lines(lines - self._line)
+        while self._line < lines:  # in bounded steps, so a far resume holds one step in memory
+            block = self._read_lines(min(lines - self._line, 1 << 17))
             if block is None:
                 return
             self._line += block[1]
@@ -50,30 +62,78 @@ class NdjsonPartition(SourcePartition):
     def _read_lines(self, max_lines: int) -> tuple[bytes, int] | None:
         """The next whole lines (at most max_lines) and their count; None at the end.
 
-        Each byte is scanned for newlines once, when its chunk is read; a batch is then a
-        slice between two known newline offsets.
+        Reads are sized from the mean line length so that one read usually holds a whole
+        batch; each byte is read into the reused buffer, counted once, and copied once into
+        the block handed to the parser. The batch's end is found from the estimate.
         """
-        while len(self._ends) - self._next_end < max_lines and not self._eof:
-            chunk = self._stream.read(_BLOCK_BYTES)
-            if not chunk:
-                self._eof = True
-                break
-            rest = self._buf[self._start:]
-            found = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + len(rest)
-            self._ends = np.concatenate([self._ends[self._next_end:] - self._start, found])
-            self._buf, self._start, self._next_end = rest + chunk, 0, 0
-        available = len(self._ends) - self._next_end
-        if available:
-            count = min(max_lines, available)
-            cut = int(self._ends[self._next_end + count - 1]) + 1
-            block = self._buf[self._start:cut]
-            self._start, self._next_end = cut, self._next_end + count
+        while self._held < max_lines and not self._eof:
+            self._fill(self._read_size(max_lines - self._held))
+        if self._held:
+            count = min(max_lines, self._held)
+            if count == self._held:
+                cut = self._buf.rindex(b"\n", self._start, self._end) + 1
+            else:
+                cut = self._cut_after(count)
+            block = bytes(memoryview(self._buf)[self._start:cut])
+            self._start, self._held = cut, self._held - count
             return block, count
-        if self._start < len(self._buf):  # a last line without a newline
-            block = self._buf[self._start:] + b"\n"
-            self._start = len(self._buf)
+        if self._start < self._end:  # a last line without a newline
+            block = bytes(memoryview(self._buf)[self._start:self._end]) + b"\n"
+            self._start = self._end
             return block, 1
         return None
+
+    def _fill(self, size: int) -> None:
+        """Read up to size more bytes behind those not handed out yet."""
+        keep = self._end - self._start
+        if keep + size > len(self._buf):  # grow, with room for the next reads' varying sizes
+            grown = bytearray(int((keep + size) * 1.25))
+            grown[:keep] = memoryview(self._buf)[self._start:self._end]
+            self._buf = grown
+        elif self._start:  # via a copy: the two ranges may overlap (bytearray copies with memcpy)
+            self._buf[:keep] = self._buf[self._start:self._end]
+        self._start, self._end = 0, keep
+        n = self._read_at(keep, size)
+        if not n:
+            self._eof = True
+            return
+        found = _newlines(self._buf, keep, keep + n)
+        if found and not self._line_bytes:
+            self._line_bytes = n / found
+        self._end, self._held = keep + n, self._held + found
+
+    def _read_at(self, offset: int, size: int) -> int:
+        """Read up to size bytes into the buffer at offset; how many came (0: the end)."""
+        if self._readinto is not None:
+            try:
+                with memoryview(self._buf) as view:
+                    return self._readinto(view[offset:offset + size]) or 0
+            except (NotImplementedError, io.UnsupportedOperation):  # a stream that only reads
+                self._readinto = None
+        chunk = self._stream.read(size)
+        self._buf[offset:offset + len(chunk)] = chunk
+        return len(chunk)
+
+    def _read_size(self, lines: int) -> int:
+        if not self._line_bytes:
+            return _BLOCK_BYTES
+        return min(max(int(lines * self._line_bytes * 1.02) + 4096, 1 << 16), 8 * _BLOCK_BYTES)
+
+    def _cut_after(self, count: int) -> int:
+        """The offset just past the count-th newline from self._start (the buffer holds more)."""
+        buf, start = self._buf, self._start
+        end = min(self._end, start + int(count * (self._line_bytes or 1.0)))
+        seen = self._held - _newlines(buf, end, self._end)  # the tail past the estimate is short
+        if abs(seen - count) > 1024:  # the estimate is far off: index every newline
+            ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8, count=self._end - start, offset=start) == 10)
+            return start + int(ends[count - 1]) + 1
+        while seen < count:
+            end = buf.index(b"\n", end) + 1
+            seen += 1
+        while seen > count:
+            end = buf.rindex(b"\n", start, end)
+            seen -= 1
+        return buf.rindex(b"\n", start, end) + 1
 
     def next_batch(self, max_rows: int) -> pl.DataFrame | None:
         block = self._read_lines(max_rows)

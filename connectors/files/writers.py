@@ -13,6 +13,7 @@ import posixpath
 import threading
 import uuid
 from typing import IO, Any, Callable
+from urllib.parse import quote
 
 import fsspec
 import polars as pl
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from streamfn.batch import Batch
 from streamfn.contracts import Sink
+from streamfn.errors import ConfigError
 
 log = logging.getLogger("streamfn.files")
 
@@ -121,13 +123,59 @@ class LaneFileWriter(Sink):
         self._closed_files.clear()
 
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # the folder name Hive, Spark, pyarrow and polars read as null
+
+
+def hive_folder(columns: list[str], values: tuple[Any, ...]) -> str:
+    """The Hive folder of one partition: `col=value/...`, values percent-encoded, null as Hive's default."""
+    return "/".join(f"{quote(str(c), safe='')}={HIVE_NULL if v is None else quote(str(v), safe='')}"
+                    for c, v in zip(columns, values))
+
+
+class PartitionedLaneWriter(Sink):
+    """One lane's files in Hive folders (`date=2026-03-02/symbol=AAPL/`), one file writer per folder.
+
+    The partition columns become folder names and are left out of the files, as Hive does;
+    every folder's files are published when the lane commits, each one whole.
+    """
+
+    def __init__(self, by: list[str], make: Callable[[str], LaneFileWriter]) -> None:
+        self.by, self._make = by, make
+        self._writers: dict[str, LaneFileWriter] = {}
+
+    def write(self, batch: Batch) -> None:
+        frame = batch.frame
+        if frame.height == 0:
+            return
+        missing = [c for c in self.by if c not in frame.columns]
+        if missing or len(self.by) == frame.width:
+            raise ConfigError(f"partition_by={self.by}: the rows need these column(s) and at least one "
+                              f"more to write; they have {frame.columns}")
+        for values, part in frame.partition_by(self.by, as_dict=True, maintain_order=True).items():
+            folder = hive_folder(self.by, values)
+            writer = self._writers.get(folder)
+            if writer is None:
+                writer = self._writers[folder] = self._make(folder)
+            writer.write(batch.with_frame(part.drop(self.by)))
+
+    def flush(self, checkpoint_id: str) -> None:
+        for writer in self._writers.values():
+            writer.flush(checkpoint_id)
+
+    def close(self) -> None:
+        """Drop every folder's unflushed file."""
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
 class SharedWriters:
     """Lane writers behind a lock, for a caller that writes to the sink itself."""
 
-    def __init__(self, make: Callable[[str], LaneFileWriter]) -> None:
+    def __init__(self, make: Callable[[str], Sink]) -> None:
         self._make = make
         self._lock = threading.Lock()
-        self._writer: LaneFileWriter | None = None
+        self._writer: Sink | None = None
 
     def write(self, batch: Batch) -> None:
         with self._lock:

@@ -24,7 +24,8 @@ def topic(name: str | Sequence[str], format: str = "json", *, schema: Any = None
           brokers: str | None = None, create: bool = False, partitions: int = 1,
           transactional: bool = False, timeout: str | float = "10s", consume_batch: int = 10_000,
           queue_messages: int = 50_000, max_message_bytes: int = 900_000, delivery_retries: int = 2,
-          tune_gc: bool = True, config: Mapping[str, Any] | None = None, **client_config: Any) -> KafkaTopic:
+          tune_gc: bool = True, stop_with_writers: bool = False, config: Mapping[str, Any] | None = None,
+          **client_config: Any) -> KafkaTopic:
     """A Kafka topic (or, as a source, several): a source when given to p.source, a sink to .sink.
 
     Args:
@@ -44,6 +45,8 @@ def topic(name: str | Sequence[str], format: str = "json", *, schema: Any = None
         consume_batch: messages per consume() call; queue_messages: per-partition read-ahead bound.
         max_message_bytes: the size an Arrow message is cut at; delivery_retries: sink retries per failure.
         tune_gc: source: raise Python's GC threshold and freeze start-up objects (see docs/kafka.md).
+        stop_with_writers: source: end (in any run, not only --until-idle) once the Kafka sinks of this
+            pipeline that write its topics ended and their records were read (see docs/kafka.md).
         config / **client_config: librdkafka settings (`fetch_wait_max_ms=10` means fetch.wait.max.ms);
             they win over `--set kafka.KEY=VALUE`.
     """
@@ -52,4 +55,4 @@ def topic(name: str | Sequence[str], format: str = "json", *, schema: Any = None
                       brokers=brokers, create=create, partitions=partitions, transactional=transactional,
                       timeout=timeout, consume_batch=consume_batch, queue_messages=queue_messages,
                       max_message_bytes=max_message_bytes, delivery_retries=delivery_retries,
-                      tune_gc=tune_gc, client_config=given)
+                      tune_gc=tune_gc, stop_with_writers=stop_with_writers, client_config=given)

@@ -41,7 +41,7 @@ class KafkaPartition(SourcePartition):
         self.side.check()
         chunks = self.queue.take(max_rows)
         if not chunks:
-            if self.side.ctx is not None and self.side.ctx.until_idle and self._at_end():
+            if self.side.owner.ending() and self._at_end():
                 self.queue.ended = True
                 raise EndOfInput()
             return None
@@ -75,6 +75,9 @@ class KafkaPartition(SourcePartition):
         return frame
 
     def _at_end(self) -> bool:
+        readback = self.side.owner.readback  # a topic this run writes ends after its writers
+        if readback is not None and readback.covers(self.queue.topic):
+            return readback.at_end(self.side, self.queue, self._position, self._eof)
         if self._eof:
             return True
         target = self.queue.target

@@ -82,7 +82,7 @@ class SourceSide:
         if self.owner.tune_gc:
             tune_gc()
         conf = dict(self.owner.consumer_conf)
-        if ctx.until_idle:
+        if self.owner.ending():
             conf["enable.partition.eof"] = True
         conf["error_cb"] = self._on_client_error
         try:
@@ -261,6 +261,8 @@ class SourceSide:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
+        if partitions:  # librdkafka keeps a pause across unassign/assign; the new queues are not paused
+            consumer.resume(partitions)
         self._assigned_once = True
         self._rebalancing = False
         log.info("kafka partitions assigned", extra={"source": self.owner.describe(), "group": self.owner.group,
@@ -350,7 +352,7 @@ class SourceSide:
     def exhausted(self) -> bool:
         """Until-idle: True once every assigned partition was read to its end."""
         self.check()
-        if self.ctx is None or not self.ctx.until_idle:
+        if self.ctx is None or not self.owner.ending():
             return False
         if not self._assigned_once or self._rebalancing:
             if not self._assigned_once and time.monotonic() - self._started_at > self.owner.assign_timeout_s:

@@ -17,6 +17,7 @@ from streamfn.schema import normalise_schema
 from streamfn.timeparse import parse_duration_s
 
 if TYPE_CHECKING:
+    from streamfn.connectors.kafka.readback import ReadBack
     from streamfn.connectors.kafka.sink import SinkSide
     from streamfn.connectors.kafka.source import SourceSide
     from streamfn.context import RunContext
@@ -42,7 +43,7 @@ class KafkaTopic(Source, Sink):
                  group: str | None, start: str, include: Sequence[str], brokers: str | None, create: bool,
                  partitions: int, transactional: bool, timeout: str | float, consume_batch: int,
                  queue_messages: int, max_message_bytes: int, delivery_retries: int, tune_gc: bool,
-                 client_config: Mapping[str, Any]) -> None:
+                 client_config: Mapping[str, Any], stop_with_writers: bool = False) -> None:
         from streamfn.connectors.kafka.chunks import INCLUDE
 
         self.topics = [topics] if isinstance(topics, str) else list(topics)
@@ -73,6 +74,7 @@ class KafkaTopic(Source, Sink):
         self.max_message_bytes = max_message_bytes
         self.delivery_retries = delivery_retries
         self.tune_gc = tune_gc
+        self.stop_with_writers = stop_with_writers
         self.client_config = dict(client_config)
         self.assign_timeout_s = 60.0
         # resolved in start()
@@ -86,6 +88,7 @@ class KafkaTopic(Source, Sink):
         self._source: SourceSide | None = None
         self._sink: SinkSide | None = None
         self._holds_broker = False
+        self.readback: ReadBack | None = None  # until-idle: topics this run also writes
 
     def start(self, ctx: "RunContext") -> None:
         """Resolve brokers and settings, start the embedded broker if needed, check the topics."""
@@ -93,6 +96,14 @@ class KafkaTopic(Source, Sink):
 
     def default_name(self) -> str:
         return self.topics[0].replace("/", "_")
+
+    # read by streamfn.stateful: a keyed stage is re-keyed unless its key is how the source is partitioned
+    group_assigned = True  # a consumer group spreads the partitions over processes
+
+    @property
+    def partitioned_by(self) -> tuple[str, ...] | None:
+        """The column the topic is keyed by (key=): each of its values is in one partition."""
+        return (self.key,) if self.key else None
 
     def describe(self) -> str:
         return f"kafka.topic({','.join(self.topics)}, format={self.format})"
@@ -130,13 +141,19 @@ class KafkaTopic(Source, Sink):
             _broker.shared.release()
 
     # -- source -------------------------------------------------------------------------------
+    def ending(self) -> bool:
+        """Whether this source's partitions end: an until-idle run, or read-back with stop_with_writers."""
+        return self._ctx is not None and (self._ctx.until_idle or self.readback is not None)
+
     def partitions(self) -> list[str]:
         """Partitions come from the group's assignment, during the run: none up front."""
+        from streamfn.connectors.kafka.readback import ReadBack
         from streamfn.connectors.kafka.source import SourceSide
 
         if self._ctx is None:
             raise StreamfnError(f"{self.describe()} was not started")
         if self._source is None:
+            self.readback = ReadBack.for_source(self, self._ctx)
             self._source = SourceSide(self)
             with _RUN_LOCK:
                 _RUN_SOURCES.setdefault(id(self._ctx), []).append(self)

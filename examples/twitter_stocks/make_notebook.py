@@ -32,7 +32,7 @@ cells = [new_markdown_cell(
                   "for line in (DATA / \"posts.jsonl\").read_bytes().splitlines()[:3]:\n"
                   "    print(line)"),
 ]
-titles = {"1": "## 1. The replay", "2": "## 2. Prices per symbol and minute", "3": "## 3. Posts",
+titles = {"1": "## 1. The replay, published to Kafka and read back", "2": "## 2. Prices per symbol and minute", "3": "## 3. Posts",
           "4": "## 4. Sentiment next to price", "5": "## 5. `GET /symbols/{symbol}`", "6": "## 6. Outputs"}
 for section in sections:
     number = section[5]

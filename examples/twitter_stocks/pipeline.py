@@ -4,7 +4,8 @@
 
 Two cron triggers replay three recorded trading days (data/, made by generate_data.py) slice
 by slice at a configurable speed-up, and publish them to the Kafka topics `quotes` and `posts`,
-where live market-data and social feeds would be. The pipeline scores each post's sentiment
+where live market-data and social feeds would be. The analysis reads both topics back (one
+lane per partition) like it would read the live feeds: it scores each post's sentiment
 (VADER) and finds the tickers it mentions, aggregates per symbol and minute (price: VWAP,
 volume, change; posts: mean sentiment, count, bullish/bearish), joins each minute's sentiment
 to its price window, and writes the result to Parquet (by date and symbol) and to the Kafka
@@ -16,30 +17,31 @@ Settings (environment variables, or `--set KEY=VALUE`):
     REPLAY_SPEEDUP       market seconds replayed per second (default 6000: 3 days in about 12 s)
     REPLAY_TICK          how often the replay publishes a slice (default 0.2s)
     SENTIMENT_THRESHOLD  |sentiment| from which a post counts as bullish/bearish (default 0.05)
-    RUN_DIR              checkpoints and dead letters (default .streamfn/twitter_stocks)
+    RUN_DIR              checkpoints, dead letters and output (default .streamfn/twitter_stocks)
     OUTPUT_DIR           the Parquet output (default RUN_DIR/output)
     SERVE_AFTER_REPLAY   1: keep answering GET /symbols/{symbol} after the replay, until Ctrl-C
     TOPIC_PREFIX         put before the Kafka topic names (default none)
     --port               where GET /symbols/{symbol} listens (default 8080)
 
-Every run replays the data from the start, so it starts without state and rewrites its output.
-Without --brokers the topics live in an embedded broker for the run; with
+Every run replays the data from the start, so it starts without state: it checkpoints into a
+folder of its own (RUN_DIR/checkpoints/<start time>), and it rewrites its output. Without
+--brokers the topics live in an embedded broker for the run; with
 `--brokers HOST:PORT --checkpoint s3://bucket/path` the same file runs against a real cluster
 (give each replay a fresh --checkpoint URL, or --reset-state).
 """
 import os
-import shutil
+import time
 from pathlib import Path
 
 import polars as pl
 
 import streamfn as sf
-from streamfn.connectors import cron, http, kafka
+from streamfn.connectors import cron, files, http, kafka
 from streamfn.timeparse import parse_duration_s
 
 import sentiment  # this folder's modules (streamfn run puts the pipeline's folder on sys.path)
 from replay import Replay
-from sinks import partitioned_parquet, summary_table
+from sinks import summary_table
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -52,12 +54,12 @@ SERVE_AFTER_REPLAY = os.environ.get("SERVE_AFTER_REPLAY", "") in ("1", "true", "
 TOPIC_PREFIX = os.environ.get("TOPIC_PREFIX", "")
 QUOTE_PARTITIONS = 4
 
+QUOTE_SCHEMA = {"ts": pl.Datetime("ms", "UTC"), "symbol": pl.String, "price": pl.Float64, "volume": pl.Int64}
 POST_SCHEMA = {"id": pl.Int64, "ts": pl.String, "user": pl.String, "text": pl.String}
 SYMBOLS = sorted(pl.read_csv(DATA / "quotes.csv", columns=["symbol"])["symbol"].unique().to_list())
-
-# a replay starts over every time: state a previous replay checkpointed here would make all of
-# it late, so it goes (the Parquet sinks below replace their output when the run starts)
-shutil.rmtree(os.path.join(RUN_DIR, "checkpoints"), ignore_errors=True)
+# a replay starts over every time: state an earlier replay checkpointed would make all of it late,
+# so each run checkpoints into a folder of its own (`--checkpoint URL` replaces it)
+CHECKPOINTS = os.path.join(RUN_DIR, "checkpoints", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}")
 
 
 def event_time(column: str = "ts") -> pl.Expr:
@@ -65,7 +67,7 @@ def event_time(column: str = "ts") -> pl.Expr:
     return pl.col(column).str.to_datetime("%Y-%m-%dT%H:%M:%S%.3fZ", time_zone="UTC", time_unit="ms")
 
 
-p = sf.Pipeline("twitter_stocks", run_dir=RUN_DIR, checkpoint_interval="2s")
+p = sf.Pipeline("twitter_stocks", run_dir=RUN_DIR, checkpoint=CHECKPOINTS, checkpoint_interval="2s")
 
 # -- 1. the replay: two cron triggers hand out the recorded market slice by slice --------------------
 replay = Replay(DATA, speedup=SPEEDUP, tick_s=TICK_S)
@@ -77,9 +79,16 @@ quotes_feed.sink(kafka.topic(f"{TOPIC_PREFIX}quotes", key="symbol", create=True,
                  name="quotes_topic")
 posts_feed.sink(kafka.topic(f"{TOPIC_PREFIX}posts", format="raw", create=True), name="posts_topic")
 
+# the analysis reads the two feeds back from Kafka; stop_with_writers: each source ends once the
+# replay that writes its topic ended and every record it wrote was read, so the run ends by itself
+quotes_in = p.source(kafka.topic(f"{TOPIC_PREFIX}quotes", schema=QUOTE_SCHEMA, group="twitter_stocks-quotes",
+                                 create=True, partitions=QUOTE_PARTITIONS, stop_with_writers=True), name="quotes_in")
+posts_in = p.source(kafka.topic(f"{TOPIC_PREFIX}posts", format="raw", group="twitter_stocks-posts", create=True,
+                                stop_with_writers=True), name="posts_in")
+
 
 # -- 2. prices per symbol and minute ----------------------------------------------------------------
-@p.stage(quotes_feed)
+@p.stage(quotes_in)
 def quotes(df: pl.DataFrame) -> pl.DataFrame:
     """Quotes with price x volume (for the VWAP)."""
     return df.with_columns(pv=pl.col("price") * pl.col("volume"))
@@ -107,7 +116,7 @@ class BadPost(ValueError):
     """A post that cannot be used: not UTF-8, not JSON, empty, or about no known ticker."""
 
 
-@p.stage(posts_feed)
+@p.stage(posts_in)
 def posts(df: pl.DataFrame) -> pl.DataFrame:
     """Raw lines -> posts with the tickers they mention; a bad line raises, so it is dead-lettered."""
     # a batch with a bad line raises; streamfn then retries it row by row, and each bad row goes
@@ -148,8 +157,8 @@ joined = sentiment_windows.join(price_table, on=["symbol", "window_start"], name
 @p.stage(price_table)
 def prices_joinable(df: pl.DataFrame) -> None:
     """Tell the replay which minutes' prices are in the join's table (it holds posts back until then)."""
-    # added after `joined`, so in the quotes lane it runs after the join stored these rows
-    replay.prices_closed_until(int(df["window_end"].max().timestamp() * 1000))  # type: ignore[union-attr]
+    # added after `joined`, so in each quotes lane it runs after the join stored these rows
+    replay.prices_closed(df.select("symbol", "window_end"))
     return None
 
 
@@ -200,9 +209,9 @@ def answer(df: pl.DataFrame) -> pl.DataFrame:
 http.respond(answer)
 
 # -- 6. outputs ----------------------------------------------------------------------------------
-prices.sink(partitioned_parquet(os.path.join(OUTPUT, "prices"), by=["date", "symbol"], replace=True),
+prices.sink(files.parquet(os.path.join(OUTPUT, "prices"), partition_by=["date", "symbol"], overwrite=True),
             name="prices_parquet")
-symbol_windows.sink(partitioned_parquet(os.path.join(OUTPUT, "joined"), by=["date", "symbol"], replace=True),
+symbol_windows.sink(files.parquet(os.path.join(OUTPUT, "joined"), partition_by=["date", "symbol"], overwrite=True),
                     name="joined_parquet")
 symbol_windows.sink(kafka.topic(f"{TOPIC_PREFIX}symbol_windows", key="symbol", create=True),
                     name="symbol_windows_topic")

@@ -6,12 +6,16 @@ timeline, cut into slices of `speedup * tick_s` market seconds, one per tick of 
 the next slice as the file's raw lines, bad bytes and all, so the pipeline's parsing meets them.
 
 The two feeds are kept in step so that the join of each minute's sentiment to its price window
-is exact: posts of a slice are handed out only once the price windows up to their last minute
-are closed (the pipeline reports them with `prices_closed_until`). Posts run two ticks behind the
-quotes, so in a healthy run they never wait; `wait_s` bounds the wait if the price side stalls.
+is exact: posts of a slice are handed out only once every price window up to their last minute
+is in the join's table (the pipeline reports the windows it stored with `prices_closed`). The
+price windows come from several lanes (one per partition of the quotes topic), so this is
+tracked per symbol: a symbol's windows close in order, and the recorded quotes say which
+minutes it traded in. Posts run two ticks behind the quotes, so in a healthy run they never
+wait long; `wait_s` bounds the wait if the price side stalls.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import threading
@@ -59,11 +63,14 @@ class Replay:
         self.quotes = quotes.with_columns(_slice_of(pl.col("ts"), first_day, self.step_s).alias("__slice"))
         self.posts = posts.with_columns(_slice_of(pl.col("ts"), first_day, self.step_s).alias("__slice"))
         slices = int(pl.concat([self.quotes["__slice"], self.posts["__slice"]]).max()) + 1  # type: ignore[arg-type]
+        # per symbol, the sorted starts (epoch ms) of the minutes it traded in: its price windows
+        minutes = quotes.group_by("symbol").agg(pl.col("ts").dt.truncate("1m").dt.epoch("ms").unique().sort())
+        self._traded: dict[str, list[int]] = dict(zip(minutes["symbol"], minutes["ts"].to_list()))
+        self._closed_end: dict[str, int] = {}  # per symbol: the latest window end stored in the join
         self.quote_ticks = slices
         self.post_ticks = slices + POSTS_LAG_TICKS
         self._quote_tick = 0
         self._post_tick = 0
-        self._closed_until_ms = -1
         self._cond = threading.Condition()
 
     # -- the two feeds (each called by its own cron trigger) ------------------------------------
@@ -79,21 +86,32 @@ class Replay:
         rows = self.posts.filter(pl.col("__slice") == tick - POSTS_LAG_TICKS)
         if rows.height == 0:
             return None
-        # the latest minute these posts can close; its price window must be in the join's table first
+        # the latest minute these posts can close; its price windows must be in the join's table first
         needed = int(rows["ts"].max().timestamp() * 1000) // 60_000 * 60_000  # type: ignore[union-attr]
         with self._cond:
-            if not self._cond.wait_for(lambda: self._closed_until_ms >= needed, timeout=self.wait_s):
+            if not self._cond.wait_for(lambda: not self._behind(needed), timeout=self.wait_s):
                 log.warning("the price side is behind; replaying posts without waiting for it", extra={
-                    "needed_ms": needed, "closed_until_ms": self._closed_until_ms})
+                    "needed_ms": needed, "symbols_behind": ",".join(self._behind(needed))})
         return rows.select("value")
 
+    def _behind(self, minute_ms: int) -> list[str]:
+        """Symbols whose price windows up to this minute are not all in the join's table yet."""
+        behind = []
+        for symbol, minutes in self._traded.items():
+            k = bisect.bisect_right(minutes, minute_ms)  # its last traded minute up to minute_ms
+            if k and self._closed_end.get(symbol, -1) < minutes[k - 1] + 60_000:
+                behind.append(symbol)
+        return behind
+
     # -- what the pipeline reports back --------------------------------------------------------
-    def prices_closed_until(self, window_end_ms: int) -> None:
-        """Price windows ending at or before this time (epoch ms) are closed and joinable."""
+    def prices_closed(self, windows: pl.DataFrame) -> None:
+        """These price windows (symbol, window_end) are in the join's table, and their symbols' earlier ones too."""
+        latest = windows.group_by("symbol").agg(pl.col("window_end").max().dt.epoch("ms"))
         with self._cond:
-            if window_end_ms > self._closed_until_ms:
-                self._closed_until_ms = window_end_ms
-                self._cond.notify_all()
+            for symbol, end in latest.iter_rows():
+                if end > self._closed_end.get(symbol, -1):
+                    self._closed_end[symbol] = end
+            self._cond.notify_all()
 
     def describe(self) -> str:
         """One line for the log: how much is replayed, in how many ticks."""

@@ -1,113 +1,19 @@
-"""Two small sinks of the example, written against streamfn's Sink contract.
+"""The example's own sink, written against streamfn's Sink contract.
 
-- `partitioned_parquet(url, by=[...])`: Parquet files in Hive folders (`date=2026-03-02/symbol=AAPL/`),
-  published atomically at each checkpoint like `files.parquet` (it reuses its per-lane writer).
-- `summary_table(...)`: the last price, the VWAP and the post sentiment per symbol, printed
-  as a table when the run ends.
+`summary_table(...)`: the last price, the VWAP and the post sentiment per symbol, printed as a
+table when the run ends. (The Parquet output is streamfn's `files.parquet(..., partition_by=...)`.)
 """
 from __future__ import annotations
 
-import posixpath
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import TextIO
-from urllib.parse import quote
 
-import fsspec
 import polars as pl
 
 from streamfn.batch import Batch
-from streamfn.connectors.files.writers import LaneFileWriter
 from streamfn.contracts import Sink
-from streamfn.errors import ConfigError
-
-
-class _LanePartitions(Sink):
-    """One lane's writers, one per Hive partition folder it has written to."""
-
-    def __init__(self, parent: "PartitionedParquet", lane: str) -> None:
-        self.parent, self.lane = parent, lane
-        self._writers: dict[str, LaneFileWriter] = {}
-
-    def write(self, batch: Batch) -> None:
-        frame = batch.frame
-        if frame.height == 0:
-            return
-        missing = [c for c in self.parent.by if c not in frame.columns]
-        if missing:
-            raise ConfigError(f"partitioned_parquet: the rows have no column(s) {missing} to partition by; "
-                              f"they have {frame.columns}")
-        for values, part in frame.partition_by(self.parent.by, as_dict=True, maintain_order=True).items():
-            folder = "/".join(f"{k}={quote(str(v), safe='')}" for k, v in zip(self.parent.by, values))
-            writer = self._writers.get(folder)
-            if writer is None:
-                writer = self._writers[folder] = self.parent.writer(folder, self.lane)
-            writer.write(batch.with_frame(part.drop(self.parent.by)))
-
-    def flush(self, checkpoint_id: str) -> None:
-        for writer in self._writers.values():
-            writer.flush(checkpoint_id)
-
-    def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-
-
-class PartitionedParquet(Sink):
-    """Parquet files under `url`, in one folder per value of the `by` columns."""
-
-    def __init__(self, url: str, by: Sequence[str], *, replace: bool = False) -> None:
-        if not by:
-            raise ConfigError("partitioned_parquet needs at least one column in by=")
-        self.url, self.by, self.replace = url, list(by), replace
-        self.fs, self.path = fsspec.core.url_to_fs(url)
-        self._tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        self._lock = threading.Lock()
-        self._shared: _LanePartitions | None = None
-
-    def default_name(self) -> str:
-        return self.path.rstrip("/").rsplit("/", 1)[-1] or "parquet"
-
-    def describe(self) -> str:
-        return f"partitioned_parquet({self.url}, by={self.by})"
-
-    def start(self, ctx: object) -> None:
-        """With replace=True, remove what an earlier run wrote (a replay rewrites all of it)."""
-        if self.replace and self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-
-    def writer(self, folder: str, lane: str) -> LaneFileWriter:
-        """A file writer of one lane in one partition folder."""
-        directory = posixpath.join(self.path.rstrip("/"), folder)
-        self.fs.makedirs(directory, exist_ok=True)
-        return LaneFileWriter(self.fs, directory, "parquet", "parquet", lane, self._tag,
-                              {"compression": "zstd"}, 1_000_000)
-
-    def for_lane(self, lane: str) -> Sink:
-        return _LanePartitions(self, lane)
-
-    def write(self, batch: Batch) -> None:  # callers that write to the sink itself share one writer
-        with self._lock:
-            if self._shared is None:
-                self._shared = _LanePartitions(self, "shared")
-            self._shared.write(batch)
-
-    def flush(self, checkpoint_id: str) -> None:
-        with self._lock:
-            if self._shared is not None:
-                self._shared.flush(checkpoint_id)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._shared is not None:
-                self._shared.close()
-
-
-def partitioned_parquet(url: str, *, by: Sequence[str], replace: bool = False) -> PartitionedParquet:
-    """A Parquet sink writing Hive-partitioned folders (`key=value/...`) under url (emptied first if replace)."""
-    return PartitionedParquet(url, by, replace=replace)
 
 
 class SummaryTable(Sink):

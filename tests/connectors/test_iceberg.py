@@ -65,6 +65,20 @@ def test_append_is_exactly_once_and_records_progress(where, run_dir):
     assert apps == {"again/memory[0]", "again/memory[1]"}
 
 
+def test_rows_written_behind_the_lanes_land_once_per_checkpoint(tmp_path, run_dir):
+    where = {"catalog": str(tmp_path / "c.db")}
+    data = {str(k): pl.DataFrame({"k": [k] * 3000, "x": list(range(3000))}) for k in range(2)}
+    write("behind", run_dir, data, sink(where, "ns.behind", file_bytes=4096), batch_rows=250)
+    catalog = iceberg.load_catalog(where["catalog"])
+    snapshots = len(catalog.load_table("ns.behind").metadata.snapshots)
+    write("behind", run_dir, data, sink(where, "ns.behind", file_bytes=4096), batch_rows=250)  # a replay
+    tbl = catalog.load_table("ns.behind")
+    assert len(tbl.metadata.snapshots) == snapshots  # snapshots only at checkpoints; none from the replay
+    assert len(tbl.inspect.files()) > 2 * snapshots  # several data files in each snapshot
+    back = read(where, "ns.behind", run_dir).sort("k", "x")
+    assert_frame_equal(back, pl.concat(data.values()).sort("k", "x"), check_dtypes=False)
+
+
 def test_upsert_updates_rows_by_key(tmp_path, run_dir):
     where = {"catalog": str(tmp_path / "c.db")}
     write("u1", run_dir, pl.DataFrame({"id": [1, 2, 3], "v": ["a", "b", "c"]}),
@@ -73,6 +87,17 @@ def test_upsert_updates_rows_by_key(tmp_path, run_dir):
           sink(where, "ns.up", mode="upsert", key=["id"]))
     back = read(where, "ns.up", run_dir).sort("id")
     assert back.to_dict(as_series=False) == {"id": [1, 2, 3, 4], "v": ["a", "b", "C", "D"]}
+
+
+def test_upsert_with_an_added_column_updates_rows_by_key(tmp_path, run_dir):
+    where = {"catalog": str(tmp_path / "c.db")}
+    write("ua1", run_dir, pl.DataFrame({"id": [1, 2, 3], "v": ["a", "b", "c"]}),
+          sink(where, "ns.upn", mode="upsert", key=["id"]))
+    write("ua2", run_dir, pl.DataFrame({"id": [3, 4, 4], "v": ["C", "d", "D"], "n": [30, 40, 41]}),
+          sink(where, "ns.upn", mode="upsert", key=["id"]))
+    back = read(where, "ns.upn", run_dir).sort("id")
+    assert back.to_dict(as_series=False) == {"id": [1, 2, 3, 4], "v": ["a", "b", "C", "D"],
+                                             "n": [None, None, 30, 41]}
 
 
 def test_added_columns_evolve_the_schema_and_old_snapshots_stay_readable(tmp_path, run_dir):
@@ -114,9 +139,10 @@ def test_kill_9_in_the_middle_then_restart_gives_each_row_once(tmp_path, tables_
     source = ticks_file(str(tmp_path / "ticks.jsonl"), 60_000)
     where = {"catalog": str(tmp_path / "kill.db"), "warehouse": f"s3://{tables_bucket}/wh"}
     env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
+    # small data files: many are written behind the lanes, some never committed before the kill
     run_killed_then_restarted("iceberg", source, str(tmp_path),
                               {"catalog": where["catalog"], "identifier": "ns.ticks",
-                               "warehouse": where["warehouse"]}, env=env)
+                               "warehouse": where["warehouse"], "file_bytes": 32 << 10}, env=env)
     want = job.expected(source)
     back = read(where, "ns.ticks", str(tmp_path / "r"))
     assert back.height == want.height

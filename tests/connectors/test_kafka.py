@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -264,7 +265,6 @@ def _wait_for(check, timeout_s: float, what: str) -> None:
 def test_two_workers_split_partitions_and_one_takes_over(kafka_tansu: KafkaServer, tmp_path: Path) -> None:
     topic, group = kafka_tansu.topic_name("split"), kafka_tansu.topic_name("workers")
     create_topic(kafka_tansu, topic, 4)
-    produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in range(2000)])
     root = Path(__file__).resolve().parents[2]
     outs = [tmp_path / "out-a", tmp_path / "out-b"]
     procs = []
@@ -274,6 +274,10 @@ def test_two_workers_split_partitions_and_one_takes_over(kafka_tansu: KafkaServe
                                            topic, group, str(out), str(tmp_path / f"run-{i}")], cwd=root,
                                           stdout=subprocess.DEVNULL, stderr=log))
     try:
+        for start in range(0, 2000, 100):  # spread over seconds: both workers are in the group before the end
+            produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in range(start, start + 100)])
+            time.sleep(0.25)
+
         def both_done() -> bool:
             return {*_outputs(outs[0])["id"], *_outputs(outs[1])["id"]} >= set(range(2000))
 
@@ -380,3 +384,40 @@ def test_one_source_reads_several_topics(kafka_tansu: KafkaServer, tmp_path: Pat
     got, summary = read_topic(kafka_tansu, [first, second], str(tmp_path / "r"), schema={"id": pl.Int64})
     assert sorted(got["id"].to_list()) == list(range(250))
     assert summary.lanes == 4
+
+
+
+def test_a_partition_paused_at_a_rebalance_is_read_after_it(kafka_tansu: KafkaServer, tmp_path: Path) -> None:
+    """librdkafka keeps a partition's pause across unassign/assign: a partition paused (full
+    read-ahead) when a rebalance revokes it must be read again once it is assigned back."""
+    topic, group = kafka_tansu.topic_name("repause"), kafka_tansu.topic_name("g")
+    create_topic(kafka_tansu, topic, 2)
+    produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in range(3000)])
+    p = sf.Pipeline("repause", run_dir=str(tmp_path / "run"), batch_rows=10)
+    src = p.source(kafka.topic(topic, group=group, schema={"id": pl.Int64}, queue_messages=20, consume_batch=10))
+
+    @p.stage(src)
+    def slow(df: pl.DataFrame) -> pl.DataFrame:
+        time.sleep(0.02)  # keeps the read-ahead full: both partitions are paused most of the time
+        return df
+
+    out = memory.sink()
+    slow.sink(out)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (p.run(until_idle=True, settings=kafka_tansu.run_settings(),
+                                                    handle_signals=False), done.set()), daemon=True)
+    thread.start()
+    _wait_for(lambda: out.frame().height > 0, 30, "the first rows")
+    other = kafka_tansu.topic_name("other")  # the joiner reads another topic: the run keeps both partitions
+    create_topic(kafka_tansu, other, 1)
+    joiner = Consumer({"bootstrap.servers": kafka_tansu.bootstrap, "group.id": group, "enable.auto.commit": False,
+                       "session.timeout.ms": 1000, "heartbeat.interval.ms": 200})
+    joined = threading.Event()
+    joiner.subscribe([other], on_assign=lambda consumer, partitions: joined.set())
+    deadline = time.monotonic() + 60
+    while not joined.is_set() and time.monotonic() < deadline:  # a rebalance: the run's partitions are revoked
+        joiner.poll(0.1)
+    joiner.close()  # and another; both times they come back, paused in librdkafka when revoked
+    assert joined.is_set(), "the second consumer never joined the group"
+    assert done.wait(60), "the run never read the partitions that came back after the rebalance"
+    assert set(out.frame()["id"]) == set(range(3000))

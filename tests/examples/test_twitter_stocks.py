@@ -162,7 +162,7 @@ def test_bad_posts_are_dead_letters_with_their_reason(run: Run) -> None:
                          for path in sorted((run.run_dir / "dead_letters").glob("*.jsonl"))], how="diagonal_relaxed")
     _, bad = ref.judge_posts()
     assert letters.height == bad.height == 46
-    assert set(letters["stage"]) == {"posts"}
+    assert set(letters["stage"]) == {"posts"} and set(letters["source"]) == {"posts_in"}  # read from Kafka
     reasons = {"not UTF-8": "not UTF-8", "not JSON": "not JSON", "empty": "empty post",
                "no ticker": "no known ticker"}
     for reason, count in bad.group_by("reason").len().iter_rows():
@@ -177,6 +177,9 @@ def test_counts_of_every_stage_and_kafka_topic(run: Run) -> None:
     good, _ = ref.judge_posts()
     assert rows["quotes_topic"] == (61_932, 61_932)
     assert rows["posts_topic"] == (4_000, 4_000)
+    # the analysis reads every record back from the two topics, once
+    assert rows["quotes_in"] == rows["quotes"] == (61_932, 61_932)
+    assert rows["posts_in"] == (4_000, 4_000)
     assert rows["posts"] == (4_000, good.height)
     assert rows["mentions"][1] == ref.mentions(THRESHOLD).height
     assert rows["sentiment_windows"][1] == ref.sentiment_windows(THRESHOLD).height
@@ -290,9 +293,13 @@ def test_the_notebook_holds_the_code_of_pipeline_py() -> None:
 
 def test_the_notebook_is_the_same_pipeline(tmp_path: Path) -> None:
     env = {**os.environ, "RUN_DIR": str(tmp_path)}
+    kept = tmp_path / "checkpoints" / "an-earlier-run" / "manifest.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
     graphs = [subprocess.run([sys.executable, "-m", "streamfn.cli", "graph", f"examples/twitter_stocks/{name}"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
               for name in ("pipeline.py", "pipeline.ipynb")]
     assert [g.returncode for g in graphs] == [0, 0], [g.stderr for g in graphs]
     assert graphs[0].stdout == graphs[1].stdout
     assert "joined                <- sentiment_windows, price_table" in graphs[0].stdout
+    assert kept.exists()  # loading the pipeline (graph, a notebook) deletes no state

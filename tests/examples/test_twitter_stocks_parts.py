@@ -1,4 +1,4 @@
-"""Unit tests of the example's parts: the data generator, the replay and the two sinks."""
+"""Unit tests of the example's parts: the data generator, the replay and the summary sink."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,9 +37,20 @@ def test_the_shipped_data_is_what_the_generator_writes(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes() == (EXAMPLE / "data" / name).read_bytes(), name
 
 
+def _close(replay: object, symbols: list[str], until: datetime) -> None:
+    """Tell the replay these symbols' price windows up to `until` are in the join's table."""
+    windows = pl.DataFrame({"symbol": symbols, "window_end": [until] * len(symbols)},
+                           schema={"symbol": pl.String, "window_end": pl.Datetime("ms", "UTC")})
+    replay.prices_closed(windows)  # type: ignore[attr-defined]
+
+
+SYMBOLS = sorted(pl.read_csv(EXAMPLE / "data" / "quotes.csv", columns=["symbol"])["symbol"].unique())
+LATER = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
 def test_the_replay_hands_out_every_quote_and_post_once_in_time_order() -> None:
     replay = replay_mod.Replay(EXAMPLE / "data", speedup=20_000, tick_s=0.2)
-    replay.prices_closed_until(2**62)  # nothing to wait for
+    _close(replay, SYMBOLS, LATER)  # nothing to wait for
     quotes = [replay.next_quotes() for _ in range(replay.quote_ticks)]
     posts = [replay.next_posts() for _ in range(replay.post_ticks)]
     assert replay.next_quotes() is None
@@ -58,33 +69,27 @@ def test_posts_wait_for_their_prices_and_give_up_after_wait_s(caplog: pytest.Log
     assert first is not None and "price side is behind" in caplog.text
 
 
+def test_posts_wait_for_the_price_windows_of_every_symbol(caplog: pytest.LogCaptureFixture) -> None:
+    # the price windows come from several lanes: each symbol's must be in the join's table
+    replay = replay_mod.Replay(EXAMPLE / "data", speedup=20_000, tick_s=0.2, wait_s=0.05)
+    _close(replay, [s for s in SYMBOLS if s != "AAPL"], LATER)
+    _close(replay, ["AAPL"], datetime(2026, 1, 1, tzinfo=timezone.utc))  # before the first trading day
+    replay.next_posts(), replay.next_posts()
+    with caplog.at_level("WARNING"):
+        assert replay.next_posts() is not None
+    assert [r.symbols_behind for r in caplog.records if "price side is behind" in r.getMessage()] == ["AAPL"]
+    caplog.clear()
+    _close(replay, ["AAPL"], LATER)
+    with caplog.at_level("WARNING"):
+        assert replay.next_posts() is not None
+    assert "price side is behind" not in caplog.text
+
+
 def _prices(day: int, symbols: list[str]) -> pl.DataFrame:
     start = datetime(2026, 3, day, 14, 30, tzinfo=timezone.utc)
     return pl.DataFrame({"symbol": symbols, "window_start": [start] * len(symbols), "close": [1.0] * len(symbols),
                          "vwap": [1.0] * len(symbols), "volume": [10] * len(symbols),
                          "date": [date(2026, 3, day)] * len(symbols)})
-
-
-def test_partitioned_parquet_publishes_hive_folders_at_flush(tmp_path: Path) -> None:
-    sink = sinks.partitioned_parquet(str(tmp_path / "out"), by=["date", "symbol"])
-    sink.start(None)
-    writer = sink.for_lane("lane-a")
-    writer.write(Batch(_prices(2, ["AAPL", "TSLA"]), "prices", "0"))
-    writer.write(Batch(_prices(3, ["AAPL"]), "prices", "0"))
-    assert not list((tmp_path / "out").rglob("*.parquet"))  # nothing visible before the checkpoint
-    writer.flush("cp-1")
-    folders = sorted(str(p.parent.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.parquet"))
-    assert folders == ["date=2026-03-02/symbol=AAPL", "date=2026-03-02/symbol=TSLA", "date=2026-03-03/symbol=AAPL"]
-    back = pl.read_parquet(tmp_path / "out" / "**" / "*.parquet", hive_partitioning=True)
-    assert back.height == 3 and set(back["symbol"]) == {"AAPL", "TSLA"}
-    writer.close()
-
-
-def test_partitioned_parquet_with_replace_starts_empty(tmp_path: Path) -> None:
-    (tmp_path / "out" / "date=old").mkdir(parents=True)
-    (tmp_path / "out" / "date=old" / "part.parquet").write_bytes(b"stale")
-    sinks.partitioned_parquet(str(tmp_path / "out"), by=["date"], replace=True).start(None)
-    assert not (tmp_path / "out").exists()
 
 
 def test_summary_table_per_symbol() -> None:

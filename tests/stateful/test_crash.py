@@ -116,7 +116,7 @@ def test_kill_9_and_restart_with_local_checkpoints(tmp_path):
 @pytest.mark.integration
 def test_kill_9_and_restart_with_checkpoints_on_s3(tmp_path, s3_bucket):
     tmp = str(tmp_path)
-    df = write_ticks(os.path.join(tmp, "in"), n=30_000)
+    df = write_ticks(os.path.join(tmp, "in"))
     got = crash_and_recover(tmp, s3_bucket.url("crash/checkpoints"), s3_bucket.settings(), kills=2)
     check(got, direct(df))
     import s3fs

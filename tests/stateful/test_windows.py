@@ -149,9 +149,3 @@ def test_datetime_event_time_and_raw_aggregates(tmp_path):
     assert got["med"].to_list() == [3.0, 2.0]
     assert got.schema["window_start"] == pl.Datetime("ms", "UTC")
     assert got["window_start"][0] == t0
-
-
-def test_same_key_in_two_lanes_is_refused(tmp_path):
-    df = ticks(1, 50, symbols=2)
-    with pytest.raises(sf.ConfigError, match="arrives in lanes"):
-        run_windows({"0": df, "1": df}, sf.tumbling("100ms"), run_dir=_dir(tmp_path))
