@@ -282,8 +282,9 @@ def test_two_workers_split_partitions_and_one_takes_over(kafka_tansu: KafkaServe
             return {*_outputs(outs[0])["id"], *_outputs(outs[1])["id"]} >= set(range(2000))
 
         _wait_for(both_done, 60, "both workers to read the first 2000 records")
-        first = [set(_outputs(out)["kafka_partition"]) for out in outs]
-        assert first[0] and first[1] and not first[0] & first[1], f"the group did not split: {first}"
+        # the group split the work (a worker that joined late took partitions over from the other)
+        first = [set(_outputs(out)["id"]) for out in outs]
+        assert first[0] and first[1], f"the group did not split: {[len(ids) for ids in first]} records"
         procs[1].kill()  # a hard stop: no revoke, no last commit
         procs[1].wait(10)
         produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in range(2000, 3000)])
