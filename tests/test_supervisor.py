@@ -200,11 +200,14 @@ def test_workers_split_one_consumer_group(kafka_tansu, tmp_path: Path) -> None:
 
 
 def test_a_killed_worker_is_restarted_and_nothing_is_lost(kafka_tansu, tmp_path: Path) -> None:
-    topic = _topic(kafka_tansu, 2000)
+    topic = _topic(kafka_tansu, 0)
     with open(tmp_path / "supervisor.log", "wb") as err:
         sup = subprocess.Popen(_cli(kafka_tansu, topic, tmp_path, "--workers", "2"),
                                env=_env(topic, tmp_path, SLOW_S="0.02"), stdout=subprocess.DEVNULL, stderr=err)
     try:
+        for start in range(0, 2000, 100):  # spread over seconds, so that both workers are in the group
+            _produce(kafka_tansu, topic, start, 100)
+            time.sleep(0.4)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(_outputs(tmp_path / "out" / w).height for w in ("0", "1")):
             time.sleep(0.1)
@@ -212,10 +215,12 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(kafka_tansu, tmp_path:
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)  # a hard crash of one worker
         _produce(kafka_tansu, topic, 2000, 1000)
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(set(_children(sup.pid)) - set(workers)) < 1:
             time.sleep(0.05)
         assert set(_children(sup.pid)) - set(workers), "the killed worker was not restarted"
         seen: set[int] = set()
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(seen) < 3000:
             seen = set(_outputs(tmp_path / "out")["id"])
             time.sleep(0.2)
