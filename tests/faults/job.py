@@ -8,7 +8,6 @@ slows each batch down so that faults land mid-stream.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 
@@ -16,11 +15,12 @@ import polars as pl
 from streamfn.connectors import files
 
 import streamfn as sf
+from streamfn.log import configure_logging
 from tests.stateful.crash_job import AGGS, SCHEMA
 
 if __name__ == "__main__":
     inp, out, checkpoint, run_dir, settings, sleep_s = sys.argv[1:7]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_format="text", level="info")  # with the fields: a retry line says its error
     p = sf.Pipeline("faults", checkpoint=checkpoint, checkpoint_interval="50ms", run_dir=run_dir,
                     batch_rows=500, threads=2)
     ticks = p.source(files.ndjson(inp, schema=SCHEMA), name="ticks")
