@@ -7,7 +7,6 @@ batches, and the `KeyGroup`: its lanes, its re-keyed stages, and its one manifes
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from streamfn.batch import Position
 from streamfn.contracts import StageRunner
 from streamfn.errors import ConfigError, GraphError
 from streamfn.pipeline import Node
+from streamfn.runtime import lane_threads
 from streamfn.stateful.exchange import Exchange, ExchangeStage, KeyLane
 from streamfn.stateful.keys import KeySplitError
 from streamfn.windows import TableSpec
@@ -158,7 +158,7 @@ class KeyGroup:
         checkpointer = rt.checkpointer
         self.saved: dict[str, Any] | None = checkpointer.load_group(source) if checkpointer else None
         self.positions: dict[str, Position] = dict(self.saved["position"]) if self.saved else {}
-        wanted = int(rt.settings.get("state.key_lanes") or rt.pipeline.threads or max(4, 2 * (os.cpu_count() or 2)))
+        wanted = int(rt.settings.get("state.key_lanes") or lane_threads(rt.pipeline))
         self.key_lanes: int = int(self.saved["key_lanes"]) if self.saved else wanted
         if self.key_lanes < 1:
             raise ConfigError(f"state.key_lanes must be at least 1, got {self.key_lanes}")

@@ -117,9 +117,7 @@ class Runtime:
                 partitions = node.connector.partitions()
                 self.partition_counts[node.name] = len(partitions)  # several: keyed state may be re-keyed
                 self.add_partitions(node.connector, partitions)
-            # twice the CPUs: a lane also waits on I/O (files, brokers), and polars runs without the GIL
-            n_threads = self.pipeline.threads or max(4, 2 * (os.cpu_count() or 2))
-            for i in range(n_threads):
+            for i in range(lane_threads(self.pipeline)):
                 thread = threading.Thread(target=self._worker, name=f"streamfn-lane-{i}", daemon=True)
                 thread.start()
                 threads.append(thread)
@@ -302,11 +300,8 @@ class Runtime:
 
     def others_done(self, source: Source) -> bool:
         """Whether every source but this one has no open lane and will open none."""
-        mine = self._source_node(source).name
-        with self._cond:
-            open_sources = {name for name, _ in self._lanes}
-        return all(name == mine or (name not in open_sources and node.connector.exhausted())  # type: ignore[union-attr]
-                   for name, node in self.sources.items())
+        return self.sources_done(node.connector for node in self.sources.values()  # type: ignore[misc]
+                                 if node.connector is not source)
 
     def sources_done(self, sources: Iterable[Source]) -> bool:
         """Whether these sources have no open lane and will open none."""
@@ -365,6 +360,12 @@ class Runtime:
         log.warning("dead letters written", extra={
             "count": len(letters), "stage": first.stage, "source": first.source,
             "partition": first.partition, "offset": first.offset, "error": first.error})
+
+
+def lane_threads(pipeline: Pipeline) -> int:
+    """The pipeline's lane threads: its own setting, else twice the CPUs and at least 4 (a lane
+    also waits on I/O: files, brokers; and polars runs without the GIL)."""
+    return pipeline.threads or max(4, 2 * (os.cpu_count() or 2))
 
 
 def _default_dead_letter_sink(pipeline: Pipeline) -> Sink:
