@@ -8,11 +8,26 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from streamfn.supervisor import run_workers
 
 FAST = {"backoff_s": 0.05, "max_backoff_s": 0.2, "drain_timeout_s": 20.0, "poll_s": 0.02}
+
+
+@contextmanager
+def _started(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """A process for the test, killed on the way out if the test left it running."""
+    proc = subprocess.Popen(cmd, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def worker(tmp_path: Path, body: str) -> list[str]:
@@ -75,17 +90,12 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
     argv = worker(tmp_path, body)
     code = ("import sys; from streamfn.supervisor import run_workers\n"
             f"sys.exit(run_workers({argv!r}, 3, backoff_s=0.05, poll_s=0.02, drain_timeout_s=20))\n")
-    sup = subprocess.Popen([sys.executable, "-c", code])
-    try:
+    with _started([sys.executable, "-c", code]) as sup:
         deadline = time.monotonic() + 30
         while len(list(tmp_path.glob("up-*"))) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(30) == 0
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
     assert sorted(p.name for p in tmp_path.glob("drained-*")) == ["drained-0", "drained-1", "drained-2"]
 
 
@@ -97,17 +107,12 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_drain_timeout(tmp_pat
     """)
     code = ("import sys; from streamfn.supervisor import run_workers\n"
             f"sys.exit(run_workers({argv!r}, 1, poll_s=0.02, drain_timeout_s=0.5))\n")
-    sup = subprocess.Popen([sys.executable, "-c", code])
-    try:
+    with _started([sys.executable, "-c", code]) as sup:
         deadline = time.monotonic() + 30
         while not (tmp_path / "up").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(sup.pid, signal.SIGTERM)
         assert sup.wait(30) == 1
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
 
 
 def test_workers_get_sigterm_when_the_supervisor_is_killed(tmp_path: Path) -> None:
@@ -201,10 +206,9 @@ def test_workers_split_one_consumer_group(kafka_tansu, tmp_path: Path) -> None:
 
 def test_a_killed_worker_is_restarted_and_nothing_is_lost(kafka_tansu, tmp_path: Path) -> None:
     topic = _topic(kafka_tansu, 0)
-    with open(tmp_path / "supervisor.log", "wb") as err:
-        sup = subprocess.Popen(_cli(kafka_tansu, topic, tmp_path, "--workers", "2"),
-                               env=_env(topic, tmp_path, SLOW_S="0.02"), stdout=subprocess.DEVNULL, stderr=err)
-    try:
+    with open(tmp_path / "supervisor.log", "wb") as err, _started(
+            _cli(kafka_tansu, topic, tmp_path, "--workers", "2"), env=_env(topic, tmp_path, SLOW_S="0.02"),
+            stdout=subprocess.DEVNULL, stderr=err) as sup:
         for start in range(0, 2000, 100):  # spread over seconds, so that both workers are in the group
             _produce(kafka_tansu, topic, start, 100)
             time.sleep(0.4)
@@ -226,10 +230,6 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost(kafka_tansu, tmp_path:
             time.sleep(0.2)
         sup.send_signal(signal.SIGTERM)  # drain both
         assert sup.wait(60) == 0
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
     assert set(_outputs(tmp_path / "out")["id"]) == set(range(3000))  # at least once, nothing lost
 
 
@@ -253,10 +253,9 @@ def test_each_worker_serves_status_on_its_own_port(kafka_tansu, tmp_path: Path) 
 
     topic = _topic(kafka_tansu, 400)
     port = _two_free_ports()
-    with open(tmp_path / "supervisor.log", "wb") as err:
-        sup = subprocess.Popen(_cli(kafka_tansu, topic, tmp_path, "--workers", "2", "--metrics-port", str(port)),
-                               env=_env(topic, tmp_path), stdout=subprocess.DEVNULL, stderr=err)
-    try:
+    with open(tmp_path / "supervisor.log", "wb") as err, _started(
+            _cli(kafka_tansu, topic, tmp_path, "--workers", "2", "--metrics-port", str(port)),
+            env=_env(topic, tmp_path), stdout=subprocess.DEVNULL, stderr=err) as sup:
         owned: dict[int, set[int]] = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (len(owned) == 2 and all(owned.values())
@@ -273,7 +272,3 @@ def test_each_worker_serves_status_on_its_own_port(kafka_tansu, tmp_path: Path) 
         assert set().union(*owned.values()) == {0, 1, 2, 3} and not owned[port] & owned[port + 1], owned
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(60) == 0
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
@@ -152,6 +153,20 @@ class SupervisedJob:
                 return f.read()[-n:]
         except OSError:
             return ""
+
+
+def outages(job: SupervisedJob, rng: random.Random, report: FaultReport, what: str, down: Callable[[], object],
+            up: Callable[[], object], *, times: int, lanes: int = 2, before: tuple[float, float] = (0.2, 1.5),
+            hold: tuple[float, float] = (1.0, 4.0)) -> None:
+    """Take something the job needs down `times` times at seeded moments while it runs; bring it back."""
+    for _ in range(times):
+        if not job.wait_running(lanes=lanes):
+            break
+        time.sleep(rng.uniform(*before))
+        down()
+        report.fault(what)
+        time.sleep(rng.uniform(*hold))
+        up()
 
 
 def wait_for_output(out_tmp: str, more_than: int, job: SupervisedJob, timeout_s: float = 60) -> bool:

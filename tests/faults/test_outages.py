@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 from streamfn.connectors.kafka.broker import free_port, stop_process, wait_listening
 
-from tests.faults.harness import FaultReport, SupervisedJob, account, schedule
+from tests.faults.harness import FaultReport, SupervisedJob, account, outages, schedule
 from tests.faults.test_kill_and_disk import job_argv
 from tests.servers.kafka import _noida_binary
 from tests.stateful.test_crash import ROOT, direct, write_ticks
@@ -84,14 +84,7 @@ def test_checkpoint_store_unreachable_for_a_while(tmp_path, s3_behind_a_forwarde
                 "checkpoint.storage.secret": "testing"}
     argv = job_argv(tmp, f"s3://{bucket}/ck", 0.03, settings)
     with SupervisedJob(argv, os.path.join(tmp, "job.log"), max_failures=12) as job:
-        for _ in range(3):
-            if not job.wait_running():
-                break
-            time.sleep(rng.uniform(0.2, 1.5))
-            forwarder.kill()
-            report.fault("S3 unreachable")
-            time.sleep(rng.uniform(1.0, 4.0))
-            forwarder.start()
+        outages(job, rng, report, "S3 unreachable", forwarder.kill, forwarder.start, times=3)
         assert job.wait(240) == 0, job.tail()
         report.worker_restarts = job.restarts
     report.recovered = report.faults_injected
@@ -129,14 +122,8 @@ def kafka_argv(tmp: str, bootstrap: str, *mode: str) -> list[str]:
 
 
 def restart_broker(job: SupervisedJob, broker: Process, rng, report: FaultReport, times: int) -> None:
-    for _ in range(times):
-        if not job.wait_running(lanes=1):
-            break
-        time.sleep(rng.uniform(0.5, 2.0))
-        broker.stop()
-        report.fault("broker stopped")
-        time.sleep(rng.uniform(1.0, 3.0))
-        broker.start()
+    outages(job, rng, report, "broker stopped", broker.stop, broker.start, times=times, lanes=1,
+            before=(0.5, 2.0), hold=(1.0, 3.0))
 
 
 def test_broker_stops_and_restarts(tmp_path, noida):

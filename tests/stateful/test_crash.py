@@ -16,15 +16,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def write_ticks(folder: str, n: int = 60_000, files: int = 2) -> pl.DataFrame:
-    """Ticks in event-time order, split into files by symbol (each file is a partition)."""
-    rng = np.random.default_rng(11)
-    df = pl.DataFrame({
+def ticks_frame(n: int, seed: int) -> pl.DataFrame:
+    """n reference ticks of 20 symbols in event-time order (1 in 20 with no volume)."""
+    rng = np.random.default_rng(seed)
+    return pl.DataFrame({
         "symbol": [f"SYM{i:02d}" for i in rng.integers(0, 20, n)],
         "ts": 1_700_000_000_000 + np.arange(n, dtype=np.int64) // 10,
         "price": np.round(rng.uniform(10, 1000, n), 4),
         "volume": np.where(rng.random(n) < 0.05, 0, rng.integers(1, 20000, n)),
     })
+
+
+def write_ticks(folder: str, n: int = 60_000, files: int = 2) -> pl.DataFrame:
+    """Ticks in event-time order, split into files by symbol (each file is a partition)."""
+    df = ticks_frame(n, seed=11)
     part = df.with_columns((pl.col("symbol").str.slice(3).cast(pl.Int64) % files).alias("f"))
     os.makedirs(folder, exist_ok=True)
     for i in range(files):

@@ -17,7 +17,7 @@ from streamfn.stateful.keys import KeySplitError
 from tests.stateful.crashing import Crash, CrashingSource
 from tests.stateful.reference import AGGS, assert_same, expected, run_windows
 from tests.stateful.test_checkpoint import run_with_crashes
-from tests.stateful.test_crash import check, crash_and_recover, direct
+from tests.stateful.test_crash import check, crash_and_recover, direct, ticks_frame
 from tests.stateful.test_windows import SPECS, ticks
 
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -136,13 +136,7 @@ def test_a_crashed_batch_breaks_the_group_and_the_restart_resumes(tmp_path):
 
 def write_spread_ticks(folder: str, n: int = 60_000, parts: int = 3) -> pl.DataFrame:
     """Ticks in event-time order dealt round-robin to files: every symbol is in every file."""
-    rng = np.random.default_rng(7)
-    df = pl.DataFrame({
-        "symbol": [f"SYM{i:02d}" for i in rng.integers(0, 20, n)],
-        "ts": 1_700_000_000_000 + np.arange(n, dtype=np.int64) // 10,
-        "price": np.round(rng.uniform(10, 1000, n), 4),
-        "volume": np.where(rng.random(n) < 0.05, 0, rng.integers(1, 20000, n)),
-    })
+    df = ticks_frame(n, seed=7)
     os.makedirs(folder, exist_ok=True)
     for i in range(parts):
         df.gather_every(parts, offset=i).write_ndjson(os.path.join(folder, f"ticks-{i}.jsonl"))
