@@ -7,8 +7,10 @@
 ticks (NDJSON) -> filter volume > 0 -> per-symbol tumbling 1 s window: count, sum(volume), VWAP,
 written as Parquet and checked with the shared bench's `workload.py compare`; then the peers
 (polars batched, python loop, bytewax) on the same file, each in its own process; with --kafka,
-the same from a 4-partition topic on a local Tansu broker (streamfn, confluent-kafka + polars,
-bytewax; Quix Streams is left out: ~7k records/s here, see the shared bench README); with
+the same from a 4-partition topic on a local Tansu broker (streamfn, streamfn with the topic
+declared keyed by another column so the window reads a repartition topic
+(streamfn.stateful.repartition), confluent-kafka + polars, bytewax; Quix Streams is left out:
+~7k records/s here, see the shared bench README); with
 --rekey-files N, the same rows dealt round-robin over N files, so every symbol is in every file
 and the window is re-keyed across the N lanes (streamfn.stateful.exchange); then one
 table of records/s, peak RSS and ratios. Last, a checkpoint and a restore of a keyed table of
@@ -69,8 +71,9 @@ def run_streamfn(inp: str, out: str, batch_rows: int) -> None:
     report(name, "file", records, time.perf_counter() - started)
 
 
-def run_streamfn_kafka(brokers: str, topic: str, records: int, out: str) -> None:
-    """Child process: the same job from a Kafka topic (4 partitions keyed by symbol, one lane each)."""
+def run_streamfn_kafka(brokers: str, topic: str, records: int, out: str, rekey: bool = False) -> None:
+    """Child process: the same job from a Kafka topic (4 partitions keyed by symbol, one lane each);
+    with rekey, the topic is declared keyed by ts, so the window stage reads a repartition topic."""
     import uuid
 
     import polars as pl
@@ -84,7 +87,8 @@ def run_streamfn_kafka(brokers: str, topic: str, records: int, out: str) -> None
     parts = tempfile.mkdtemp(prefix="streamfn-bench-kafka-")
     started = time.perf_counter()
     p = sf.Pipeline("bench_kafka", run_dir=os.path.join(parts, "run"), checkpoint_interval="5s")
-    ticks = p.source(kafka.topic(topic, format="json", key="symbol", group=f"bench-{uuid.uuid4().hex[:8]}",
+    ticks = p.source(kafka.topic(topic, format="json", key="ts" if rekey else "symbol",
+                                 group=f"bench-{uuid.uuid4().hex[:8]}",
                                  start="earliest", schema={"symbol": pl.String, "ts": pl.Int64,
                                                            "price": pl.Float64, "volume": pl.Int64}))
     sink = memory.sink()  # the windows are few
@@ -96,7 +100,8 @@ def run_streamfn_kafka(brokers: str, topic: str, records: int, out: str) -> None
     p.run(until_idle=True, handle_signals=False, settings={
         "kafka.brokers": brokers, "kafka.session.timeout.ms": "1000", "kafka.heartbeat.interval.ms": "200"})
     write_windows(sink.frame(), out)
-    report("streamfn window", "kafka", records, time.perf_counter() - started)
+    name = "streamfn window, through a repartition topic" if rekey else "streamfn window"
+    report(name, "kafka", records, time.perf_counter() - started)
 
 
 def _child(cmd: list[str]) -> dict | None:
@@ -170,11 +175,13 @@ def bench_kafka(args: argparse.Namespace, work: str, answer: str) -> list[dict]:
     try:
         subprocess.run([sys.executable, os.path.join(BENCH_DIR, "peers", "kafka_produce.py"), inp, "ticks",
                         "--brokers", brokers, "--partitions", "4"], check=True, capture_output=True)
-        out = os.path.join(work, "streamfn-kafka.parquet")
-        line = _child([sys.executable, __file__, "--child-kafka", brokers, "ticks", str(args.n), out])
-        if line:
-            line["correct"] = _correct(answer, out)
-            results.append(line)
+        for rekey in ("", "rekey"):
+            out = os.path.join(work, f"streamfn-kafka{rekey}.parquet")
+            line = _child([sys.executable, __file__, "--child-kafka", brokers, "ticks", str(args.n), out,
+                           *([rekey] if rekey else [])])
+            if line:
+                line["correct"] = _correct(answer, out)
+                results.append(line)
         peers = [] if args.skip_peers else [
             (sys.executable, "kafka_consume_raw.py", ["--brokers", brokers, "--topic", "ticks", "--expect",
                                                       str(args.n), "--mode", "polars", "--out"]),
@@ -267,14 +274,14 @@ def main() -> None:
     ap.add_argument("--rekey-files", type=int, default=4,
                     help="also run over the input dealt into this many files (re-keyed); 0 or 1: skip")
     ap.add_argument("--child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-kafka", nargs=4, metavar=("BROKERS", "TOPIC", "N", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-kafka", nargs="+", metavar="BROKERS TOPIC N OUT [rekey]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         run_streamfn(*args.child, batch_rows=args.batch_rows)
         return
     if args.child_kafka:
-        brokers, topic, n, out = args.child_kafka
-        run_streamfn_kafka(brokers, topic, int(n), out)
+        brokers, topic, n, out, *rekey = args.child_kafka
+        run_streamfn_kafka(brokers, topic, int(n), out, rekey=rekey == ["rekey"])
         return
     results = bench_windows(args)
     print_table(results)

@@ -39,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from streamfn.batch import Position
 from streamfn.errors import ConfigError, StreamfnError
 from streamfn.retry import Retry
+from streamfn.runtime import UNBOUNDED
 from streamfn.stateful import keygroup
 from streamfn.stateful.codehash import state_code_hash
 
@@ -109,11 +110,12 @@ class Checkpointer:
         return f"{self.root.rstrip('/')}/{quote(source, safe='')}/{part}"
 
     # -- the runtime's calls ----------------------------------------------------------------
-    def resume_position(self, source: str, partition: str) -> Position:
-        """Where the lane should start reading: the position of the latest good checkpoint."""
+    def resume_position(self, source: str, partition: str, bound: Any = UNBOUNDED) -> Position:
+        """Where the lane should start reading: the position of the latest good checkpoint (with a
+        bound: the latest at or before it; None: none, as no transaction of the lane committed)."""
         if self.runtime is not None and keygroup.group_mode(self.runtime, source):
             return keygroup.KeyGroup.for_source(self.runtime, source).resume_position(partition)
-        loaded = self._load(source, partition)
+        loaded = self._load(source, partition, bound)
         return None if loaded is None else loaded[0]["position"]
 
     def restore_lane(self, lane: "Lane") -> None:
@@ -319,7 +321,8 @@ class Checkpointer:
                 self.fs.rm(base, recursive=True)
 
     # -- reading ----------------------------------------------------------------------------
-    def _load(self, source: str, partition: str) -> tuple[dict[str, Any], dict[str, pl.DataFrame]] | None:
+    def _load(self, source: str, partition: str,
+              bound: Any = UNBOUNDED) -> tuple[dict[str, Any], dict[str, pl.DataFrame]] | None:
         key = (source, partition)
         if key in self._loaded:
             return self._loaded[key]
@@ -333,6 +336,13 @@ class Checkpointer:
             for path in manifests:
                 try:
                     result = self._read(base, path)
+                    if bound is not UNBOUNDED and not _at_or_before(result[0]["position"], bound):
+                        log.info("checkpoint is past the committed offset (its transaction did not "
+                                 "commit); using an earlier one", extra={
+                                     "lane": f"{source}[{partition}]", "manifest": path,
+                                     "offset": result[0]["position"], "committed": bound})
+                        result = None
+                        continue
                     break
                 except CorruptCheckpoint as exc:
                     log.error("checkpoint is corrupt; trying the previous one",
@@ -382,3 +392,8 @@ def _write_synced(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _at_or_before(position: Position, bound: Position) -> bool:
+    """Whether a checkpoint's position is at or before a committed offset (None: nothing committed)."""
+    return bound is not None and isinstance(position, int) and isinstance(bound, int) and position <= bound

@@ -70,6 +70,10 @@ def keyed_runner(lane: "Lane", node: Node, keys: list[str],
     """The runner of a keyed stage in a lane: the stage itself, or an exchange to its key-lanes."""
     if isinstance(lane, KeyLane):
         return make(lane)
+    if getattr(lane.source.connector, "reads_repartition", False):  # a lane of a repartition topic
+        from streamfn.stateful.repartition import RepartitionedStage
+
+        return RepartitionedStage(node, lane, make(lane))
     if not needs_exchange(lane.rt, lane.source, keys):
         _check_declared_key(lane.source, node, keys)
         return make(lane)
@@ -98,9 +102,8 @@ def _check_declared_key(source: Node, node: Node, keys: list[str]) -> None:
         raise KeySplitError(
             f"stage {node.name!r} is keyed by {keys}, but source {source.name!r} is partitioned by "
             f"{list(declared)} across the processes of its consumer group, so one key's rows would reach "
-            "several processes. Re-keying through a repartition topic is not implemented yet: key the "
-            f"stage by {list(declared)} (or columns that include them), or write the rows to a topic keyed "
-            f"by {keys} in one job (node.sink(kafka.topic(..., key=...))) and read that topic in another")
+            "several processes. Re-keying across processes goes through a Kafka repartition topic, and "
+            f"this source is not Kafka: key the stage by {list(declared)} (or columns that include them)")
 
 
 # -- the gate: batches in flight (shared) against a checkpoint (alone) --------------------------

@@ -1,10 +1,12 @@
 """Which lane owns which key: state must live in exactly one lane per key.
 
 Lanes are source partitions. A source that is not partitioned by a stage's key is re-keyed in
-this process (streamfn.stateful.exchange: key-lanes chosen by a stable hash). Per-lane state
-remains where the source says it is partitioned by the key (`partitioned_by`, a Kafka topic's
-key=) or where a consumer group assigns partitions across processes (Kafka), which an
-in-process exchange cannot re-key. This guard notices when, there, the same key arrives in two
+this process (streamfn.stateful.exchange: key-lanes chosen by a stable hash), or, when it is a
+Kafka topic declared keyed by another column, through a repartition topic
+(streamfn.stateful.repartition). Per-lane state remains where the source says it is
+partitioned by the key (`partitioned_by`, a Kafka topic's key=) or where a consumer group
+assigns partitions across processes and declares no key, which an in-process exchange cannot
+re-key. This guard notices when, there, the same key arrives in two
 lanes of this process and stops the run with a clear message instead of emitting split windows.
 """
 from __future__ import annotations
@@ -78,9 +80,9 @@ class KeyOwners:
         raise KeySplitError(
             f"stage {self.stage!r}: key {example} arrives in lanes {other} and {lane_id}; keyed state "
             f"must live in one lane per key, and this source's partitions are assigned across processes "
-            f"(a consumer group), so it cannot be re-keyed here: produce the topic keyed by {self.keys} "
-            f"(kafka.topic(..., key={self.keys[0]!r}) on the producing side), or re-key in an upstream "
-            "job that writes such a topic")
+            f"(a consumer group), so it cannot be re-keyed in this process: declare the column the topic "
+            "is keyed by (kafka.topic(..., key=...)) and the stage reads a repartition topic keyed by "
+            f"{self.keys}, or produce the topic keyed by {self.keys[0]!r}")
 
 
 class _Unguarded(KeyOwners):

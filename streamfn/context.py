@@ -65,6 +65,11 @@ class RunContext:
         """True once every other source of the run has ended (a trigger may then stop too)."""
         return self._rt.others_done(source)
 
+    def source(self, name: str) -> Source | None:
+        """The connector of the run's source node `name` (None: no such source)."""
+        node = self._rt.sources.get(name)
+        return None if node is None else node.connector  # type: ignore[return-value]
+
     def sinks(self) -> list[Sink]:
         """The sink connectors of the run's pipeline (the dead-letter sink not included)."""
         return [node.connector for node in self._rt.order if node.kind == "sink"]  # type: ignore[misc]

@@ -70,6 +70,13 @@ class Source(ABC):
         """True once this source will open no more partitions (asked when none is open)."""
         return True
 
+    #: True when a transactional sink can commit this source's offsets (see Sink.transactional)
+    offsets_in_transactions = False
+
+    def committed_position(self, partition: str) -> Position:
+        """The position last committed for a partition (None: none), when offsets_in_transactions."""
+        return None
+
     def stop(self) -> None:
         """Called once after the run; release shared clients."""
 
@@ -80,6 +87,11 @@ class Source(ABC):
 
 class Sink(ABC):
     """An output that takes part in checkpoints."""
+
+    #: True when a lane's writer commits the source's offsets with its output, in `commit` (Kafka
+    #: transactions): a restarted lane then restores the checkpoint at the source's committed
+    #: offset, the one whose output was committed, not a later one whose transaction was not
+    transactional = False
 
     def start(self, ctx: "RunContext") -> None:
         """Called once before the run."""
@@ -103,6 +115,10 @@ class Sink(ABC):
     @abstractmethod
     def flush(self, checkpoint_id: str) -> None:
         """Make all writes durable before offsets commit."""
+
+    def commit(self, checkpoint_id: str, position: Position) -> None:
+        """The checkpoint holding the flushed writes is saved, at source `position`: a transactional
+        sink commits here (with the source's offsets); a repartition writer confirms the rows."""
 
     def close(self) -> None:
         """Release resources."""

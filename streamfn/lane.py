@@ -281,7 +281,10 @@ class Lane:
         self.dlq_writer.flush(checkpoint_id)
 
     def committed(self, checkpoint_id: str, started: float, saved: Any) -> None:
-        """The checkpoint holding this lane's position is saved: tell the source it is durable."""
+        """The checkpoint holding this lane's position is saved: commit the sinks' transactions, then
+        tell the source it is durable."""
+        for writer in self.writers.values():
+            writer.commit(checkpoint_id, self.position)
         self.reader.commit(self.position)
         self.last_commit = time.monotonic()
         self.obs.checkpoint(self, checkpoint_id, time.perf_counter() - started,
@@ -296,8 +299,9 @@ class Lane:
         finally:
             if self.group is not None:
                 self.group.detach(self)
+            sinks = {node.name: node.connector for node in self.plan if node.kind == "sink"}
             for name, writer in self.writers.items():
-                if writer is not self.rt.pipeline.node(name).connector:
+                if writer is not sinks[name]:
                     writer.close()
             if self.dlq_writer is not self.rt.dead_letter_sink:
                 self.dlq_writer.close()

@@ -29,6 +29,7 @@ from streamfn.summary import NodeStats, RunSummary
 log = logging.getLogger("streamfn.runtime")
 
 _MAX_IDLE_BACKOFF_S = 0.02
+UNBOUNDED = object()  # a lane may restore its latest checkpoint
 
 
 class Runtime:
@@ -45,6 +46,9 @@ class Runtime:
         self.batch_rows = pipeline.batch_rows
         self.sources: dict[str, Node] = {n.name: n for n in self.order if n.kind == "source"}
         self.plans = {name: self._plan(node) for name, node in self.sources.items()}
+        if any(n.operator is not None or n.options.get("state") is not None for n in self.order):
+            # a keyed stage its Kafka source is not partitioned for reads a repartition topic
+            importlib.import_module("streamfn.stateful.repartition").rewrite(self)
         self._check_connectors_used_once()
         self.dead_letter_sink = pipeline.dead_letter_sink or _default_dead_letter_sink(pipeline)
         self.shared_dlq_writer = self.dead_letter_sink.for_lane("runtime")
@@ -266,7 +270,7 @@ class Runtime:
             if (node.name, partition) in self._lanes:
                 continue
             if self.checkpointer is not None:  # the state was saved at this position: it wins
-                saved = self.checkpointer.resume_position(node.name, partition)
+                saved = self.checkpointer.resume_position(node.name, partition, self._bound(node, partition))
                 resume = resume if saved is None else saved
             lane = Lane(self, node, partition, source.open(partition, resume), self.plans[node.name])
             if self.checkpointer is not None:
@@ -277,6 +281,15 @@ class Runtime:
                 self._ready.append(lane)
                 self._cond.notify()
             log.info("lane opened", extra={"lane": lane.id, "offset": lane.position})
+
+    def _bound(self, node: Node, partition: str) -> Any:
+        """The latest position a lane may restore: its source's committed offset, when a sink of the
+        lane commits that offset in a transaction after the checkpoint (else no bound)."""
+        source: Source = node.connector  # type: ignore[assignment]
+        if source.offsets_in_transactions and any(
+                n.kind == "sink" and n.connector.transactional for n in self.plans[node.name]):  # type: ignore[union-attr]
+            return source.committed_position(partition)
+        return UNBOUNDED
 
     def remove_partitions(self, source: Source, partitions: Iterable[str], timeout_s: float) -> dict[str, Position]:
         node = self._source_node(source)

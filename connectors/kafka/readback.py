@@ -55,8 +55,8 @@ class ReadBack:
         """The read-back of a starting source, or None when no Kafka sink of the run writes its topics."""
         from streamfn.connectors.kafka.topic import KafkaTopic
 
-        if not ctx.until_idle and not owner.stop_with_writers:
-            return None
+        if (not ctx.until_idle and not owner.stop_with_writers) or owner.ends_by_marks is not None:
+            return None  # (a repartition topic ends by its writers' end marks)
         topics: set[str] = set()
         feeders: list[Source] = []
         for sink in ctx.sinks():

@@ -75,6 +75,9 @@ class KafkaPartition(SourcePartition):
         return frame
 
     def _at_end(self) -> bool:
+        ends_by_marks = self.side.owner.ends_by_marks  # a repartition topic: its writers' end marks
+        if ends_by_marks is not None:
+            return ends_by_marks(self.queue.name)
         readback = self.side.owner.readback  # a topic this run writes ends after its writers
         if readback is not None and readback.covers(self.queue.topic):
             return readback.at_end(self.side, self.queue, self._position, self._eof)

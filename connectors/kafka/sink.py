@@ -3,7 +3,10 @@
 Without transactions every lane writes through one shared idempotent producer; a failed
 delivery is produced again (up to `delivery_retries` times) and then dead-lettered with the
 reason. With transactional=True each lane has its own transactional producer and one
-transaction per checkpoint, which also commits the source offsets when the source is Kafka.
+transaction per checkpoint. With a Kafka source the transaction commits after the lane's
+checkpoint is saved, together with the lane's source offset (`commit`); a restarted lane then
+restores the checkpoint at the committed offset (Sink.transactional), so state, output and
+offsets agree. With another source it commits at flush (output at least once).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from streamfn.batch import Batch
+from streamfn.batch import Batch, Position
 from streamfn.connectors.kafka.codec import encode_arrow, encode_rows, key_strings
 from streamfn.connectors.kafka.topics import kafka
 from streamfn.contracts import Sink
@@ -61,14 +64,15 @@ class SinkSide:
 
     def for_lane(self, lane: str) -> "LaneWriter":
         """A writer for one lane (its own transactional producer when transactional=True)."""
+        writer = self.owner.lane_writer or LaneWriter
         if not self.owner.transactional:
-            return LaneWriter(self, lane, self.shared_producer(), transactional=False)
+            return writer(self, lane, self.shared_producer(), transactional=False)
         prefix = self.owner.producer_conf.get("transactional.id") or f"streamfn-{self.ctx.pipeline}-{self.topic}"
         conf = {**self.owner.producer_conf, "transactional.id": f"{prefix}-{lane}",
                 "delivery.report.only.error": True}
         producer = self.new_producer(conf)
         producer.init_transactions(self.owner.timeout_s)
-        return LaneWriter(self, lane, producer, transactional=True)
+        return writer(self, lane, producer, transactional=True)
 
     def shared_writer(self) -> "LaneWriter":
         with self._lock:
@@ -98,7 +102,6 @@ class LaneWriter(Sink):
         self._lock = threading.Lock()
         self._failed: list[Failed] = []
         self._in_txn = False
-        self._offsets: dict[tuple[str, str], int] = {}  # (source, partition) -> last offset written
         self._lineage: tuple[str, str] = ("", lane)
         self._keyed_arrow = False  # Arrow rows routed to partitions by key: a retry keeps the partition
 
@@ -120,25 +123,27 @@ class LaneWriter(Sink):
         frame = batch.frame
         if frame.height == 0:
             return
-        self._lineage = (batch.source, batch.partition)
-        if self.transactional:
-            if not self._in_txn:
-                self.producer.begin_transaction()
-                self._in_txn = True
-            if isinstance(batch.last_offset, int):
-                self._offsets[(batch.source, batch.partition)] = batch.last_offset
+        self.begin(batch)
         owner = self.side.owner
         if owner.format == "arrow":
             self._write_arrow(frame)
             return
         values = encode_rows(owner.format, frame)
         keys = key_strings(frame, owner.key)
-        self._produce_all(values, keys if keys is not None else [None] * len(values), None)
+        self.produce_all(values, keys if keys is not None else [None] * len(values), None)
+
+    def begin(self, batch: Batch | None) -> None:
+        """Before producing a batch's messages: note its lineage, open the transaction."""
+        if batch is not None:
+            self._lineage = (batch.source, batch.partition)
+        if self.transactional and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
 
     def _write_arrow(self, frame: pl.DataFrame) -> None:
         owner = self.side.owner
         if owner.key is None:
-            self._produce_all(encode_arrow(frame, owner.max_message_bytes), None, None)
+            self.produce_all(encode_arrow(frame, owner.max_message_bytes), None, None)
             return
         # one message holds many rows: route rows by a hash of the key, so a key stays in one partition
         count = owner.partition_counts.get(self.side.topic, 1)
@@ -148,9 +153,10 @@ class LaneWriter(Sink):
         self._keyed_arrow = True
         for (partition,), rows in parts.group_by("__p", maintain_order=True):
             values = encode_arrow(rows.drop("__p"), owner.max_message_bytes)
-            self._produce_all(values, None, int(partition))  # type: ignore[call-overload]
+            self.produce_all(values, None, int(partition))  # type: ignore[call-overload]
 
-    def _produce_all(self, values: list[bytes], keys: list[Any] | None, partition: int | None) -> None:
+    def produce_all(self, values: list[bytes], keys: list[Any] | None, partition: int | None) -> None:
+        """Produce messages (to one partition, or by key when partition is None); failures are kept."""
         produce, poll, topic, callback = self.producer.produce, self.producer.poll, self.side.topic, self._on_delivery
         part = -1 if partition is None else partition
         keys = keys if keys is not None else [None] * len(values)
@@ -180,8 +186,10 @@ class LaneWriter(Sink):
             return
         self._wait()
         failed = self._take_failed()
-        if self.transactional:
-            self._finish_transaction(failed)
+        if self.transactional:  # with a Kafka source, the lane commits it with the offset (commit)
+            self._check_transaction(failed)
+            if self._in_txn and self._kafka_source() is None:
+                self._commit_transaction(None)
             return
         for _ in range(self.side.owner.delivery_retries):
             if not failed:
@@ -189,7 +197,7 @@ class LaneWriter(Sink):
             log.warning("kafka deliveries failed; producing them again",
                         extra={"topic": self.side.topic, "count": len(failed), "error": failed[0][3]})
             for value, key, partition, _ in failed:
-                self._produce_all([value], [key], None if partition < 0 else partition)
+                self.produce_all([value], [key], None if partition < 0 else partition)
             self._wait()
             failed = self._take_failed()
         if failed:
@@ -209,38 +217,33 @@ class LaneWriter(Sink):
             failed, self._failed = self._failed, []
         return failed
 
-    def _finish_transaction(self, failed: list[Failed]) -> None:
-        if not self._in_txn:
-            return
-        if failed:
+    def _check_transaction(self, failed: list[Failed]) -> None:
+        if failed and self._in_txn:
             self.producer.abort_transaction(self.side.owner.timeout_s)
             self._in_txn = False
             raise StreamfnError(f"{len(failed)} messages to Kafka topic {self.side.topic!r} failed in a transaction "
                                 f"({failed[0][3]}); it was aborted and its input will be read again")
-        offsets, metadata = self._source_offsets()
-        if offsets:
-            self.producer.send_offsets_to_transaction(offsets, metadata, self.side.owner.timeout_s)
+
+    def commit(self, checkpoint_id: str, position: Position) -> None:
+        """The lane's checkpoint is saved: commit the transaction with the source's offset."""
+        if self.transactional and self._in_txn:
+            self._commit_transaction(position)
+
+    def _kafka_source(self) -> KafkaTopic | None:
+        """The Kafka source of this writer's lane (None: another kind of source)."""
+        from streamfn.connectors.kafka.topic import KafkaTopic
+
+        source = self.side.ctx.source(self._lineage[0])
+        return source if isinstance(source, KafkaTopic) else None
+
+    def _commit_transaction(self, position: Position) -> None:
+        source = self._kafka_source()
+        tp = source.topic_partition(self._lineage[1]) if source is not None else None
+        if tp is not None and isinstance(position, int):  # the next offset to read, as the lane's commit
+            self.producer.send_offsets_to_transaction([kafka().TopicPartition(tp[0], tp[1], position)],
+                                                      source.group_metadata(), self.side.owner.timeout_s)  # type: ignore[union-attr]
         self.producer.commit_transaction(self.side.owner.timeout_s)
         self._in_txn = False
-        self._offsets.clear()
-
-    def _source_offsets(self) -> tuple[list[Any], Any]:
-        """The next offsets of the Kafka source partitions this transaction consumed, and its group."""
-        from streamfn.connectors.kafka.topic import kafka_sources
-
-        sources = kafka_sources(self.side.ctx)
-        found: list[Any] = []
-        metadata = None
-        for (source_name, partition), last in self._offsets.items():
-            match = [s for s in sources if s.default_name() == source_name] or (sources if len(sources) == 1 else [])
-            if not match:
-                continue
-            tp = match[0].topic_partition(partition)
-            if tp is None:
-                continue
-            found.append(kafka().TopicPartition(tp[0], tp[1], last + 1))
-            metadata = match[0].group_metadata()
-        return found, metadata
 
     def close(self) -> None:
         if self.transactional and self._producer is not None:

@@ -73,6 +73,7 @@ class SourceSide:
         self._closing = False
         self._started_at = 0.0
         self._requests: deque[_Request] = deque()
+        self.group_committed: dict[str, int] = {}  # the group's committed offsets, per partition name
         self.cooperative = "cooperative" in str(owner.consumer_conf.get("partition.assignment.strategy", ""))
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -272,10 +273,13 @@ class SourceSide:
         """Where each partition starts without a checkpoint: the committed offset, else (when
         reading from the earliest) the low watermark, so the first batch's offsets are known."""
         found: dict[str, int] = {}
-        if partitions and self.owner.start_at == "committed":
+        if partitions:
             for tp in consumer.committed(partitions, timeout=self.owner.timeout_s):
                 if tp.error is None and tp.offset >= 0:
                     found[self.owner.partition_name(tp.topic, tp.partition)] = tp.offset
+        self.group_committed.update(found)  # (a transactional sink's lanes restore at these)
+        if self.owner.start_at != "committed":
+            found = {}
         earliest = self.owner.start_at == "earliest" or (
             self.owner.start_at == "committed" and self.owner.consumer_conf.get("auto.offset.reset") in
             ("earliest", "smallest", "beginning"))

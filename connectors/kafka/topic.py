@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from streamfn.batch import Batch, Position
@@ -18,24 +17,13 @@ from streamfn.timeparse import parse_duration_s
 
 if TYPE_CHECKING:
     from streamfn.connectors.kafka.readback import ReadBack
-    from streamfn.connectors.kafka.sink import SinkSide
+    from streamfn.connectors.kafka.sink import LaneWriter, SinkSide
     from streamfn.connectors.kafka.source import SourceSide
     from streamfn.context import RunContext
 
 log = logging.getLogger("streamfn.kafka")
 
 _STARTS = ("committed", "earliest", "latest")
-# the Kafka sources of each run (keyed by the run's context): a transactional sink commits their offsets
-_RUN_SOURCES: dict[int, list["KafkaTopic"]] = {}
-_RUN_LOCK = threading.Lock()
-
-
-def kafka_sources(ctx: "RunContext") -> list["KafkaTopic"]:
-    """The Kafka sources started in the run that `ctx` belongs to."""
-    with _RUN_LOCK:
-        return list(_RUN_SOURCES.get(id(ctx), []))
-
-
 class KafkaTopic(Source, Sink):
     """One or more Kafka topics; the role (source or sink) is the node it is given to."""
 
@@ -89,6 +77,9 @@ class KafkaTopic(Source, Sink):
         self._sink: SinkSide | None = None
         self._holds_broker = False
         self.readback: ReadBack | None = None  # until-idle: topics this run also writes
+        # set by streamfn.stateful.repartition: its own lane writer, and when a partition ends
+        self.lane_writer: type[LaneWriter] | None = None
+        self.ends_by_marks: Callable[[str], bool] | None = None
 
     def start(self, ctx: "RunContext") -> None:
         """Resolve brokers and settings, start the embedded broker if needed, check the topics."""
@@ -104,6 +95,12 @@ class KafkaTopic(Source, Sink):
     def partitioned_by(self) -> tuple[str, ...] | None:
         """The column the topic is keyed by (key=): each of its values is in one partition."""
         return (self.key,) if self.key else None
+
+    def repartition(self, stage: str, keys: list[str]) -> tuple[Sink, Source]:
+        """The writing and reading ends of a repartition topic for a stage keyed by `keys`."""
+        from streamfn.connectors.kafka.repartition import RepartitionTopic
+
+        return RepartitionTopic(self, stage, keys), RepartitionTopic(self, stage, keys)
 
     def describe(self) -> str:
         return f"kafka.topic({','.join(self.topics)}, format={self.format})"
@@ -155,8 +152,6 @@ class KafkaTopic(Source, Sink):
         if self._source is None:
             self.readback = ReadBack.for_source(self, self._ctx)
             self._source = SourceSide(self)
-            with _RUN_LOCK:
-                _RUN_SOURCES.setdefault(id(self._ctx), []).append(self)
             self._source.start(self._ctx)
         return []
 
@@ -172,6 +167,12 @@ class KafkaTopic(Source, Sink):
         assert self._source is not None and self._source.consumer is not None
         return self._source.call(lambda consumer: consumer.consumer_group_metadata())
 
+    offsets_in_transactions = True  # a transactional Kafka sink commits this source's offsets
+
+    def committed_position(self, partition: str) -> Position:
+        """The group's committed offset of a partition when it was assigned (None: none)."""
+        return self._source.group_committed.get(partition) if self._source is not None else None
+
     def open(self, partition: str, resume: Position) -> SourcePartition:
         assert self._source is not None
         return self._source.open(partition, resume)
@@ -182,12 +183,6 @@ class KafkaTopic(Source, Sink):
     def stop(self) -> None:
         if self._source is not None:
             self._source.stop()
-            with _RUN_LOCK:
-                runs = _RUN_SOURCES.get(id(self._ctx), [])
-                if self in runs:
-                    runs.remove(self)
-                if not runs:
-                    _RUN_SOURCES.pop(id(self._ctx), None)
         self._end()
 
     # -- sink ---------------------------------------------------------------------------------

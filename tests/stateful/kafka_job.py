@@ -2,12 +2,13 @@
 
     python -m tests.stateful.kafka_job TOPIC GROUP OUT_DIR CHECKPOINT_URL RUN_DIR SETTINGS_JSON [follow]
 
-It stops at the end of the topic, or with "follow" runs until SIGTERM.
+It stops at the end of the topic, or with "follow" runs until SIGTERM. The topic is keyed by
+symbol; with JOB_KEY=<column> it is declared keyed by that column, so the window stage (keyed by
+symbol) reads a repartition topic.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import threading
@@ -18,6 +19,7 @@ import polars as pl
 
 import streamfn as sf
 from streamfn.connectors import kafka
+from streamfn.log import configure_logging
 from tests.stateful.crash_job import AGGS, SCHEMA
 
 
@@ -48,11 +50,12 @@ class ParquetParts(sf.Sink):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("JOB_LOG", "WARNING"))  # JOB_LOG=INFO shows lanes and restores
+    configure_logging(level=os.environ.get("JOB_LOG", "WARNING"))  # JOB_LOG=INFO shows lanes and restores
     topic, group, out, checkpoint, run_dir, settings = sys.argv[1:7]
     p = sf.Pipeline("kcrash", checkpoint=checkpoint, checkpoint_interval="20ms", run_dir=run_dir,
                     batch_rows=500, threads=4)
-    ticks = p.source(kafka.topic(topic, format="json", schema=SCHEMA, key="symbol", group=group),
+    key = os.environ.get("JOB_KEY", "symbol")
+    ticks = p.source(kafka.topic(topic, format="json", schema=SCHEMA, key=key, group=group),
                       name="ticks")
 
     @p.stage(ticks)

@@ -170,29 +170,9 @@ def test_kill_9_and_restart_with_keys_spread_across_files(tmp_path):
     assert os.listdir(os.path.join(tmp, "checkpoints", "ticks")) == ["%23keyed"]
 
 
-def test_a_consumer_group_source_keyed_otherwise_is_refused_with_what_to_do(tmp_path):
-    source = memory.source({"0": ticks(1, 20), "1": ticks(2, 20)})
-    source.group_assigned, source.partitioned_by = True, ("price",)  # as a Kafka topic with key="price"
-    p = sf.Pipeline("w", run_dir=_dir(tmp_path), threads=2)
-    p.source(source).window(sf.tumbling("100ms"), by="symbol", on="ts", aggs=AGGS).sink(memory.sink())
-    with pytest.raises(KeySplitError, match="repartition topic is not implemented"):
-        p.run(until_idle=True, handle_signals=False)
-
-
 def test_per_lane_state_is_not_restored_into_a_re_keyed_run(tmp_path):
     df = ticks(3, 100, symbols=3)
     run_dir = _dir(tmp_path)
     run_windows({"0": df}, sf.tumbling("100ms"), run_dir=run_dir)  # one partition: state per lane
     with pytest.raises(sf.ConfigError, match="holds state per lane"):
         run_windows({"0": df, "1": df}, sf.tumbling("100ms"), run_dir=run_dir)
-
-
-def test_a_kafka_topic_keyed_by_another_column_is_refused_before_it_is_read(kafka_tansu, tmp_path):
-    from streamfn.connectors import kafka
-
-    topic = kafka_tansu.topic_name("ticks")
-    p = sf.Pipeline("sectors", run_dir=_dir(tmp_path))
-    ticks_node = p.source(kafka.topic(topic, key="symbol", create=True, partitions=2, group=f"g-{topic}"))
-    ticks_node.aggregate(by="sector", aggs=[pl.len()]).sink(memory.sink())
-    with pytest.raises(KeySplitError, match=r"keyed by \['sector'\], but source .* is partitioned by \['symbol'\]"):
-        p.run(until_idle=True, handle_signals=False, settings=kafka_tansu.run_settings())
