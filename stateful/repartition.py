@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamfn.stateful.repartition")
 
 # columns added on the way (and dropped on arrival): which topic partition, which upstream
-# partition of how many, what a row is (data, progress, end), the row's event time and
+# partition of how many, what a row is (data, progress, end, confirm), the row's event time and
 # watermark, the upstream's progress
 OWNER, UP, UPS, KIND, TS, WM, MAX = "__rp_owner", "__rp_up", "__rp_ups", "__rp_kind", "__rp_ts", "__rp_wm", "__rp_max"
 SESSION, FROM, AT = "__rp_session", "__rp_from", "__rp_at"  # a lane opening, where it began, the position after
