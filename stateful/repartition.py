@@ -66,6 +66,7 @@ OWNER, UP, UPS, KIND, TS, WM, MAX = "__rp_owner", "__rp_up", "__rp_ups", "__rp_k
 SESSION, FROM, AT = "__rp_session", "__rp_from", "__rp_at"  # a lane opening, where it began, the position after
 INTERNAL = (OWNER, UP, UPS, KIND, TS, WM, MAX, SESSION, FROM, AT)
 DATA, PROGRESS, END, CONFIRM = 0, 1, 2, 3
+ARRIVAL = "__rp_arrival"  # a reading lane's order of arrival (pending rows first)
 
 
 # -- the split ----------------------------------------------------------------------------------
@@ -221,13 +222,17 @@ class RepartitionedStage(StageRunner):
     def process(self, frame: pl.DataFrame, batch: Batch) -> pl.DataFrame | None:
         if frame.height == 0 or KIND not in frame.columns:
             return None
-        self._follow_sessions(frame)
+        frame = frame.with_row_index(ARRIVAL).with_columns(pl.col(ARRIVAL).cast(pl.Int64))
+        rows = frame.filter(pl.col(KIND) != CONFIRM)
+        if self.pending is not None:  # (pending rows arrived before this frame)
+            rows = pl.concat([self.pending.with_columns(pl.lit(-1, pl.Int64).alias(ARRIVAL)), rows],
+                             how="diagonal_relaxed")
+        waiting = self._follow_sessions(frame, rows).drop(ARRIVAL)
         confirms = frame.filter(pl.col(KIND) == CONFIRM)
         for up, at in confirms.group_by(UP).agg(pl.col(AT).max()).iter_rows():
             self.confirmed[up] = max(at, self.confirmed.get(up, at))
-        rows = frame.filter(pl.col(KIND) != CONFIRM)
-        waiting = rows if self.pending is None else pl.concat([self.pending, rows], how="diagonal_relaxed")
         if waiting.height == 0:
+            self.pending = None
             return None
         known = pl.DataFrame({UP: list(self.confirmed), "__upto": list(self.confirmed.values())},
                              schema={UP: pl.Int32, "__upto": pl.Int64})
@@ -236,17 +241,19 @@ class RepartitionedStage(StageRunner):
         self.pending = waiting.filter(~ready) if not ready.all() else None
         return self._apply(waiting.filter(ready), batch)
 
-    def _follow_sessions(self, frame: pl.DataFrame) -> None:
-        """A new session of an upstream partition restarted at FROM: its pending rows past FROM come
-        again, and everything up to FROM was checkpointed (it restarted from there)."""
-        for up, session, start in frame.select(UP, SESSION, FROM).unique(maintain_order=True).iter_rows():
+    def _follow_sessions(self, frame: pl.DataFrame, waiting: pl.DataFrame) -> pl.DataFrame:
+        """A new session of an upstream partition restarted at FROM: the rows that arrived before it
+        from that partition past FROM come again (drop them), and everything up to FROM was
+        checkpointed (it restarted from there)."""
+        firsts = frame.group_by(UP, SESSION, maintain_order=True).agg(pl.col(FROM).first(), pl.col(ARRIVAL).min())
+        for up, session, start, first in firsts.iter_rows():
             if self.sessions.get(up) == session:
                 continue
             self.sessions[up] = session
             self.confirmed[up] = max(start, self.confirmed.get(up, start))
-            if self.pending is not None:
-                stale = (pl.col(UP) == up) & (pl.col(SESSION) != session) & (pl.col(AT) > start)
-                self.pending = self.pending.filter(~stale)
+            stale = (pl.col(UP) == up) & (pl.col(ARRIVAL) < first) & (pl.col(AT) > start)
+            waiting = waiting.filter(~stale)
+        return waiting
 
     def _apply(self, rows: pl.DataFrame, batch: Batch) -> pl.DataFrame | None:
         """Fold confirmed rows into the stage; follow the confirmed marks."""

@@ -4,7 +4,8 @@
 
 It stops at the end of the topic, or with "follow" runs until SIGTERM. The topic is keyed by
 symbol; with JOB_KEY=<column> it is declared keyed by that column, so the window stage (keyed by
-symbol) reads a repartition topic.
+symbol) reads a repartition topic. With JOB_FAIL_AT=N the lane of source partition 0 fails in its
+Nth checkpoint, after its sinks flushed and before its manifest (its dead-letter flush raises).
 """
 from __future__ import annotations
 
@@ -49,11 +50,31 @@ class ParquetParts(sf.Sink):
             os.replace(tmp, os.path.join(self.directory, f"part-{uuid.uuid4().hex}.parquet"))
 
 
+class FailingDeadLetters(sf.Sink):
+    """Dead letters that fail the Nth flush of lane ticks[0] (flushed after its other sinks)."""
+
+    def __init__(self, at: int, lane: str = "") -> None:
+        self.at, self.lane, self.flushes = at, lane, 0
+
+    def for_lane(self, lane: str) -> FailingDeadLetters:
+        return FailingDeadLetters(self.at, lane)
+
+    def write(self, batch: sf.Batch) -> None:
+        pass
+
+    def flush(self, checkpoint_id: str) -> None:
+        self.flushes += 1
+        if self.lane == "ticks[0]" and self.flushes == self.at:
+            raise RuntimeError("failing after the sinks flushed, before the checkpoint")
+
+
 if __name__ == "__main__":
     configure_logging(level=os.environ.get("JOB_LOG", "WARNING"))  # JOB_LOG=INFO shows lanes and restores
     topic, group, out, checkpoint, run_dir, settings = sys.argv[1:7]
     p = sf.Pipeline("kcrash", checkpoint=checkpoint, checkpoint_interval="20ms", run_dir=run_dir,
                     batch_rows=500, threads=4)
+    if os.environ.get("JOB_FAIL_AT"):
+        p.dead_letter(FailingDeadLetters(int(os.environ["JOB_FAIL_AT"])))
     key = os.environ.get("JOB_KEY", "symbol")
     ticks = p.source(kafka.topic(topic, format="json", schema=SCHEMA, key=key, group=group),
                       name="ticks")

@@ -126,13 +126,12 @@ def test_a_repartitioned_stage_must_have_its_columns(kafka_tansu, tmp_path):
         p.run(until_idle=True, handle_signals=False, settings=kafka_tansu.run_settings())
 
 
-def _job(tmp: str, topic: str, settings: str, name: str, follow: bool = False) -> subprocess.Popen:
+def _job(tmp: str, topic: str, settings: str, name: str, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tests.stateful.kafka_job", topic, f"g-{topic}", os.path.join(tmp, "out"),
-           os.path.join(tmp, "checkpoints"), os.path.join(tmp, f"run-{name}"), settings,
-           *(["follow"] if follow else [])]
+           os.path.join(tmp, "checkpoints"), os.path.join(tmp, f"run-{name}"), settings]
     with open(os.path.join(tmp, "job.log"), "ab") as log:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "JOB_KEY": "ts", "JOB_LOG": os.environ.get("JOB_LOG", "INFO")})
+                                env={**os.environ, "JOB_KEY": "ts", "JOB_LOG": "INFO", **env})
 
 
 def _produce_spread(server, n: int) -> tuple[str, pl.DataFrame]:
@@ -150,6 +149,22 @@ def test_kill_9_mid_stream_with_a_repartition_topic(kafka_tansu, tmp_path):
     settings = json.dumps(kafka_tansu.run_settings())
     kill_and_restart(lambda: _job(tmp, topic, settings, "a"), tmp, kills=3, timeout_s=180)
     check(pl.read_parquet(os.path.join(tmp, "out", "*.parquet")), direct(df))
+
+
+def test_rows_sent_before_a_failed_checkpoint_are_counted_once(kafka_tansu, tmp_path):
+    """A source lane's rows reach the topic, then the lane fails before its checkpoint: the restart
+    sends them again (new session, from the last checkpoint); readers count them once."""
+    tmp = str(tmp_path)
+    topic, df = _produce_spread(kafka_tansu, 20_000)
+    settings = json.dumps(kafka_tansu.run_settings())
+    failing = _job(tmp, topic, settings, "a", JOB_FAIL_AT="4")
+    assert failing.wait(timeout=120) == 1
+    with open(os.path.join(tmp, "job.log"), errors="replace") as f:
+        assert "failing after the sinks flushed, before the checkpoint" in f.read()
+    assert _job(tmp, topic, settings, "b").wait(timeout=120) == 0
+    got = pl.read_parquet(os.path.join(tmp, "out", "*.parquet"))
+    assert got.height == direct(df).height
+    check(got, direct(df))
 
 
 @pytest.mark.integration
