@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -388,9 +389,15 @@ def test_one_source_reads_several_topics(kafka_tansu: KafkaServer, tmp_path: Pat
 
 
 
-def test_a_partition_paused_at_a_rebalance_is_read_after_it(kafka_tansu: KafkaServer, tmp_path: Path) -> None:
+def test_a_partition_paused_at_a_rebalance_is_read_after_it(kafka_tansu: KafkaServer, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     """librdkafka keeps a partition's pause across unassign/assign: a partition paused (full
     read-ahead) when a rebalance revokes it must be read again once it is assigned back."""
+    caplog.set_level(logging.INFO, logger="streamfn.kafka")
+
+    def revoked() -> bool:
+        return any(r.getMessage() == "kafka partitions revoked" for r in caplog.records)
+
     topic, group = kafka_tansu.topic_name("repause"), kafka_tansu.topic_name("g")
     create_topic(kafka_tansu, topic, 2)
     produce(kafka_tansu, topic, [json.dumps({"id": i}).encode() for i in range(3000)])
@@ -416,9 +423,11 @@ def test_a_partition_paused_at_a_rebalance_is_read_after_it(kafka_tansu: KafkaSe
     joined = threading.Event()
     joiner.subscribe([other], on_assign=lambda consumer, partitions: joined.set())
     deadline = time.monotonic() + 60
-    while not joined.is_set() and time.monotonic() < deadline:  # a rebalance: the run's partitions are revoked
+    # a rebalance: the run's partitions are revoked (Tansu may keep rebalancing while the run's
+    # consumer rejoins, so now and then the joiner's own assignment does not come within the wait)
+    while not joined.is_set() and time.monotonic() < deadline:
         joiner.poll(0.1)
     joiner.close()  # and another; both times they come back, paused in librdkafka when revoked
-    assert joined.is_set(), "the second consumer never joined the group"
+    assert joined.is_set() or revoked(), "the second consumer never made the group rebalance"
     assert done.wait(60), "the run never read the partitions that came back after the rebalance"
     assert set(out.frame()["id"]) == set(range(3000))
