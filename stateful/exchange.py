@@ -159,25 +159,21 @@ class ExchangeStage(StageRunner):
         if marks is not None:
             self._note_event_time(marks)
             outs += ex.advance()
-        return _concat(outs)
+        return concat_outputs(outs)
 
     def _marks(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Event time and watermark of each row, from this source lane's order (before routing)."""
         ex = self.exchange
         with ex.lock:
             before = ex.lane_max.get(self.lane.partition)
-        ts = W.event_ms(frame, ex.on)
-        return W.with_watermarks(frame.lazy().select(ts), before, ex.lateness_ms).collect()
+        return W.lane_marks(frame, ex.on, before, ex.lateness_ms)
 
     def _note_event_time(self, marks: pl.DataFrame) -> None:
-        batch_max = marks.get_column(W.TS).max()
-        if batch_max is None:
-            return
         ex = self.exchange
         with ex.lock:
-            before = ex.lane_max.get(self.lane.partition)
-            if before is None or int(batch_max) > before:  # type: ignore[arg-type]
-                ex.lane_max[self.lane.partition] = int(batch_max)  # type: ignore[arg-type]
+            now = W.latest(ex.lane_max.get(self.lane.partition), marks)
+            if now is not None:
+                ex.lane_max[self.lane.partition] = now
 
     def _run(self, k: int, rows: pl.DataFrame, frame: pl.DataFrame, marks: pl.DataFrame | None,
              batch: Batch, outs: list[pl.DataFrame], *, wait: bool) -> bool:
@@ -205,17 +201,19 @@ class ExchangeStage(StageRunner):
         with ex.lock:
             ex.finished.add(self.lane.partition)
         if [p for p in ex.group.open_partitions() if p not in ex.finished]:
-            return _concat(ex.advance()) if ex.windowed else None
+            return concat_outputs(ex.advance()) if ex.windowed else None
         outs = []
         for shard in ex.shards:
             with shard.lock:
                 out = shard.runner.finish()
             if out is not None and out.height:
                 outs.append(out)
-        return _concat(outs)
+        return concat_outputs(outs)
 
 
-def _concat(outs: list[pl.DataFrame]) -> pl.DataFrame | None:
-    if not outs:
+def concat_outputs(outs: list[pl.DataFrame | None]) -> pl.DataFrame | None:
+    """A stage's outputs as one frame (None and empty ones left out; None: nothing)."""
+    frames = [o for o in outs if o is not None and o.height]
+    if not frames:
         return None
-    return outs[0] if len(outs) == 1 else pl.concat(outs, how="diagonal_relaxed")
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")

@@ -51,6 +51,7 @@ from streamfn.errors import GraphError, StageError
 from streamfn.pipeline import Node
 from streamfn.stateful import keyhash
 from streamfn.stateful import windowmath as W
+from streamfn.stateful.exchange import concat_outputs
 from streamfn.stateful.keygroup import stage_keys
 
 if TYPE_CHECKING:
@@ -165,12 +166,9 @@ class RouteStage(StageRunner):
                                   *self._identity(DATA, after))
         if self.on is None:
             return rows
-        marked = W.with_watermarks(frame.lazy().select(W.event_ms(frame, self.on)), self.lane_max,
-                                   self.lateness_ms).collect()
+        marked = W.lane_marks(frame, self.on, self.lane_max, self.lateness_ms)
         rows = rows.with_columns(marked.get_column(W.TS).alias(TS), marked.get_column(W.WM).alias(WM))
-        batch_max = marked.get_column(W.TS).max()
-        if batch_max is not None and (self.lane_max is None or int(batch_max) > self.lane_max):  # type: ignore[arg-type]
-            self.lane_max = int(batch_max)  # type: ignore[arg-type]
+        self.lane_max = W.latest(self.lane_max, marked)
         return pl.concat([rows, self._marks(PROGRESS, partitions, after)], how="diagonal_relaxed")
 
     def finish(self) -> pl.DataFrame | None:
@@ -185,8 +183,8 @@ class RouteStage(StageRunner):
 
     def _marks(self, kind: int, partitions: int, at: int) -> pl.DataFrame:
         """One mark row per topic partition: this upstream partition's progress, or its end."""
-        owners = pl.DataFrame({OWNER: pl.Series(range(partitions), dtype=pl.UInt32)})
-        return owners.with_columns(*self._identity(kind, at), pl.lit(self.lane_max, pl.Int64).alias(MAX))
+        return _each_partition(partitions).with_columns(*self._identity(kind, at),
+                                                        pl.lit(self.lane_max, pl.Int64).alias(MAX))
 
     def snapshot(self, checkpoint_id: str) -> dict[str, Any]:
         return {"lane_max": self.lane_max}
@@ -199,9 +197,13 @@ def confirm_marks(written: pl.DataFrame, partitions: int, position: int) -> pl.D
     """After a source lane's checkpoint at `position`: a confirm mark per topic partition, for the
     upstream partition and session of `written` (a row the lane wrote)."""
     ident = written.select(UP, UPS, SESSION, FROM).head(1)
-    owners = pl.DataFrame({OWNER: pl.Series(range(partitions), dtype=pl.UInt32)})
-    return owners.join(ident, how="cross").with_columns(pl.lit(CONFIRM, pl.Int8).alias(KIND),
-                                                        pl.lit(position, pl.Int64).alias(AT))
+    return _each_partition(partitions).join(ident, how="cross").with_columns(
+        pl.lit(CONFIRM, pl.Int8).alias(KIND), pl.lit(position, pl.Int64).alias(AT))
+
+
+def _each_partition(partitions: int) -> pl.DataFrame:
+    """One row per topic partition (the OWNER column), for marks that go to all of them."""
+    return pl.DataFrame({OWNER: pl.Series(range(partitions), dtype=pl.UInt32)})
 
 
 # -- on arrival ----------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ class RepartitionedStage(StageRunner):
             if self.windowed:
                 outs.append(self.inner.advance_to(self._floor()))  # type: ignore[attr-defined]
             self._note_ends()
-        return _concat(outs)
+        return concat_outputs(outs)
 
     def _note_ends(self) -> None:
         if self.upstreams is not None:
@@ -323,10 +325,3 @@ class RepartitionedStage(StageRunner):
         self.sessions, self.confirmed = numbered("sessions"), numbered("confirmed")
         self.progress, self.ended = numbered("progress"), numbered("ended")
         self._note_ends()
-
-
-def _concat(outs: list[pl.DataFrame | None]) -> pl.DataFrame | None:
-    frames = [o for o in outs if o is not None and o.height]
-    if not frames:
-        return None
-    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")

@@ -40,6 +40,20 @@ def with_watermarks(frame: pl.LazyFrame, max_before: int | None, lateness_ms: in
     return frame.with_columns((pl.max_horizontal(prev, pl.lit(start)) - lateness_ms).alias(WM))
 
 
+def lane_marks(frame: pl.DataFrame, on: str, max_before: int | None, lateness_ms: int) -> pl.DataFrame:
+    """Each record's event time (TS) and watermark (WM), in the order of a lane whose largest
+    event time so far is `max_before`."""
+    return with_watermarks(frame.lazy().select(event_ms(frame, on)), max_before, lateness_ms).collect()
+
+
+def latest(max_before: int | None, marks: pl.DataFrame) -> int | None:
+    """A lane's largest event time once the records of `marks` are in."""
+    batch_max = marks.get_column(TS).max()
+    if batch_max is None:
+        return max_before
+    return int(batch_max) if max_before is None else max(max_before, int(batch_max))  # type: ignore[arg-type]
+
+
 def assign_fixed(frame: pl.LazyFrame, spec: Tumbling | Hopping) -> pl.LazyFrame:
     """Pair each record with the windows [WS, WE) that hold it (one row per pair)."""
     if isinstance(spec, Tumbling):

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from streamfn.batch import Batch, Position
-from streamfn.connectors.kafka.codec import encode_arrow
 from streamfn.connectors.kafka.sink import LaneWriter
 from streamfn.connectors.kafka.topic import KafkaTopic
 from streamfn.connectors.kafka.topics import kafka
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from streamfn.context import RunContext
 
 log = logging.getLogger("streamfn.kafka")
+
 
 class RepartitionTopic(KafkaTopic):
     """One end of a stage's repartition topic: written by the source's lanes, read by the stage's."""
@@ -136,7 +136,7 @@ class RepartitionWriter(LaneWriter):
             return
         self.begin(batch)
         self._written = rows.head(1)
-        self._send(rows)
+        self.produce_arrow_by(rows, OWNER)
 
     def flush(self, checkpoint_id: str) -> None:
         """Every message delivered, or the lane fails (a lost row would be a wrong window)."""
@@ -152,14 +152,9 @@ class RepartitionWriter(LaneWriter):
         """The lane's checkpoint at `position` is saved: readers may apply its rows up to there."""
         if self._written is None or not isinstance(position, int) or position == self._confirmed:
             return
-        self._send(confirm_marks(self._written, self.topic.partition_count(), position))
+        self.produce_arrow_by(confirm_marks(self._written, self.topic.partition_count(), position), OWNER)
         self._confirmed = position
 
     @property
     def topic(self) -> RepartitionTopic:
         return self.side.owner  # type: ignore[return-value]
-
-    def _send(self, rows: pl.DataFrame) -> None:
-        limit = self.topic.max_message_bytes
-        for (owner,), part in rows.partition_by(OWNER, as_dict=True, maintain_order=True).items():
-            self.produce_all(encode_arrow(part.drop(OWNER), limit), None, int(owner))  # type: ignore[call-overload]

@@ -151,9 +151,13 @@ class LaneWriter(Sink):
             raise ConfigError(f"the Kafka sink's key column {owner.key!r} is not among the rows' columns {frame.columns}")
         parts = frame.with_columns(pl.col(owner.key).cast(pl.String).hash(seed=0).mod(count).alias("__p"))
         self._keyed_arrow = True
-        for (partition,), rows in parts.group_by("__p", maintain_order=True):
-            values = encode_arrow(rows.drop("__p"), owner.max_message_bytes)
-            self.produce_all(values, None, int(partition))  # type: ignore[call-overload]
+        self.produce_arrow_by(parts, "__p")
+
+    def produce_arrow_by(self, rows: pl.DataFrame, column: str) -> None:
+        """Produce rows as Arrow messages, each group to the partition its `column` names."""
+        for (partition,), part in rows.group_by(column, maintain_order=True):
+            self.produce_all(encode_arrow(part.drop(column), self.side.owner.max_message_bytes),
+                             None, int(partition))  # type: ignore[call-overload]
 
     def produce_all(self, values: list[bytes], keys: list[Any] | None, partition: int | None) -> None:
         """Produce messages (to one partition, or by key when partition is None); failures are kept."""

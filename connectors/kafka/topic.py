@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamfn.kafka")
 
 _STARTS = ("committed", "earliest", "latest")
+
+
 class KafkaTopic(Source, Sink):
     """One or more Kafka topics; the role (source or sink) is the node it is given to."""
 
@@ -77,7 +79,8 @@ class KafkaTopic(Source, Sink):
         self._sink: SinkSide | None = None
         self._holds_broker = False
         self.readback: ReadBack | None = None  # until-idle: topics this run also writes
-        # set by streamfn.stateful.repartition: its own lane writer, and when a partition ends
+        # set by a repartition topic (connectors/kafka/repartition.py): its lane writer, and when a
+        # partition of it ends
         self.lane_writer: type[LaneWriter] | None = None
         self.ends_by_marks: Callable[[str], bool] | None = None
 

@@ -138,7 +138,7 @@ def _produce_spread(server, n: int) -> tuple[str, pl.DataFrame]:
     """Ticks over 4 partitions by row, so every symbol is in every partition."""
     df = ticks_frame(n, seed=23)
     topic = server.topic_name("spread")
-    produce_partitions(server.bootstrap, topic, {p: df.gather(list(range(p, n, 4))) for p in range(4)})
+    produce_partitions(server.bootstrap, topic, {p: df.gather_every(4, offset=p) for p in range(4)})
     return topic, df
 
 
